@@ -1,0 +1,161 @@
+"""Typed firmware config. Unknown keys and wrong types fail at start with the field's name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from appliance.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CaptureConfig(StrictModel):
+    """Where frames come from. The capture device is opened only while a session has consent."""
+
+    kind: Literal["synthetic", "opencv", "gstreamer"] = Field(
+        "synthetic", description="synthetic: built-in moving face photo; opencv: device/file/RTSP; "
+        "gstreamer: a pipeline from pipelines/ or a full pipeline string")
+    uri: str = Field("", description="opencv: device index ('0'), file path or rtsp:// URL")
+    pipeline: str = Field("", description="gstreamer: pipeline name in pipelines/ (csi, usb, rtsp, test, file) "
+                          "or a full gst-launch description ending before the sink")
+    device: str = Field("", description="value substituted for {device} / {uri} in a named pipeline")
+    width: int = Field(640, ge=32, le=7680, description="frames are scaled to this width")
+    height: int = Field(360, ge=32, le=4320, description="frames are scaled to this height")
+    fps: float = Field(15.0, gt=0, le=240, description="frames per second asked of the source")
+    loop: bool = Field(True, description="files: start again at the end")
+    reconnect_initial_s: float = Field(0.2, gt=0, le=60)
+    reconnect_max_s: float = Field(5.0, gt=0, le=600)
+    stall_timeout_s: float = Field(2.0, gt=0, le=60, description="no new frame for this long = reconnect")
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> "CaptureConfig":
+        if self.kind == "opencv" and not self.uri:
+            raise ValueError("capture.uri is required when capture.kind is 'opencv'")
+        if self.kind == "gstreamer" and not self.pipeline:
+            raise ValueError("capture.pipeline is required when capture.kind is 'gstreamer'")
+        return self
+
+
+class VisionConfig(StrictModel):
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
+        default_factory=lambda: ["cpu"], description="execution providers in order of preference")
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    detect_interval: int = Field(1, ge=1, le=60, description="run the detector every N frames, track between")
+    min_face_score: float = Field(0.5, gt=0, lt=1)
+    max_faces: int = Field(8, ge=1, le=64)
+    smoothing: float = Field(0.3, gt=0, le=1, description="EMA weight of the newest frame's affect")
+
+
+class BusConfig(StrictModel):
+    affect_endpoint: str = Field("ipc://{run_dir}/affect.ipc", description="vision -> ranker, latest value")
+    control_endpoint: str = Field("ipc://{run_dir}/control.ipc", description="ranker -> vision, consent")
+    control_period_s: float = Field(0.1, gt=0, le=5)
+    control_timeout_s: float = Field(1.0, gt=0, le=30, description="vision closes the camera after this "
+                                     "long without word from the ranker")
+
+
+class ServingConfig(StrictModel):
+    unix_socket: str = Field("{run_dir}/appliance.sock")
+    socket_mode: int = Field(0o660, ge=0, le=0o777)
+    tcp_port: int | None = Field(None, ge=1, le=65535, description="off by default; needs a token")
+    tcp_host: str = "127.0.0.1"
+    token_env: str = Field("APPLIANCE_TOKEN", description="environment variable that holds the TCP token")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_k: int = Field(100, ge=1, le=1000)
+    max_candidates: int = Field(10_000, ge=1, le=100_000)
+    max_batch_events: int = Field(10_000, ge=1, le=1_000_000)
+    workers: int = Field(8, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _tcp_needs_auth(self) -> "ServingConfig":
+        return self
+
+
+class StoreConfig(StrictModel):
+    db_path: str = Field("{data_dir}/appliance.db")
+    event_retention_days: int = Field(90, ge=1, le=3650)
+
+
+class RankingConfig(StrictModel):
+    bundle_dir: str = Field("{models_dir}/ranker", description="versioned ranking model bundle")
+    affect_stale_s: float = Field(1.0, gt=0, le=60, description="affect older than this is ignored")
+    affect_weight: float = Field(0.15, ge=0, le=1)
+    diversity: float = Field(0.2, ge=0, le=1, description="MMR trade-off: 0 = pure relevance")
+    default_max_maturity: Literal["all", "7", "13", "16", "adult"] = "adult"
+
+
+class ApplianceConfig(StrictModel):
+    """The whole config of one box. Paths may use {run_dir}, {data_dir}, {models_dir}."""
+
+    device_class: str = Field("cpu-only", description="which firmware config this is")
+    run_dir: str = Field("/tmp/appliance-{uid}", description="sockets live here")
+    data_dir: str = Field("var/data", description="SQLite and caches")
+    models_dir: str = Field(str(REPO_ROOT / "models"))
+    capture: CaptureConfig = CaptureConfig()
+    vision: VisionConfig = VisionConfig()
+    bus: BusConfig = BusConfig()
+    serving: ServingConfig = ServingConfig()
+    store: StoreConfig = StoreConfig()
+    ranking: RankingConfig = RankingConfig()
+
+    def path(self, template: str) -> str:
+        """Expand {run_dir}/{data_dir}/{models_dir}/{uid} in a path template."""
+        run_dir = self.run_dir.format(uid=os.getuid())
+        return template.format(run_dir=run_dir, data_dir=self.data_dir, models_dir=self.models_dir,
+                               uid=os.getuid())
+
+    def with_overrides(self, **sections: dict) -> "ApplianceConfig":
+        """A copy with some fields replaced, validated like a file (used by tests and the demo)."""
+        data = self.model_dump()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return validate_config(data, source="<overrides>")
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def validate_config(data: object, source: str) -> ApplianceConfig:
+    """Validate a parsed config; errors name the file and each bad field."""
+    try:
+        return ApplianceConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid config"]
+        for err in exc.errors():
+            lines.append(f"  {_field_path(err['loc']) or '<root>'}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> ApplianceConfig:
+    """Read and validate one firmware config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return validate_config(data, source=str(p))
+
+
+def default_config() -> ApplianceConfig:
+    """Embedded defaults: CPU only, synthetic camera, Unix socket. What `make demo` runs."""
+    return ApplianceConfig()
