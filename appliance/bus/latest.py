@@ -1,8 +1,8 @@
 """Latest-value pub/sub over ZeroMQ.
 
-The camera must never queue behind a slow consumer: the publisher never blocks (a full pipe drops the
-message and counts it), and the subscriber keeps only the newest message (ZMQ_CONFLATE). Single-frame
-messages only: CONFLATE does not support multipart.
+The camera must never queue behind a slow consumer: both ends conflate (ZMQ_CONFLATE), so the
+publisher's outgoing pipe and the subscriber's incoming pipe each hold only the newest message, and a
+publish never blocks. Single-frame messages only: CONFLATE does not support multipart.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ def _prepare_ipc(endpoint: str) -> None:
 
 
 class LatestPublisher:
-    """Non-blocking publisher; `dropped` counts messages ZeroMQ could not take at once."""
+    """Non-blocking publisher; an unread older message is replaced by the newer one."""
 
     def __init__(self, endpoint: str, *, bind: bool = True, context: zmq.Context | None = None) -> None:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, 2)
+        self._sock.setsockopt(zmq.CONFLATE, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
         self.endpoint = endpoint
         self.sent = 0

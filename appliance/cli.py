@@ -1,0 +1,137 @@
+"""`appliance` command line: run, demo, doctor, models, catalog, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from appliance.config import ApplianceConfig, default_config, load_config
+from appliance.errors import ApplianceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Edge affect-aware ranking appliance.")
+catalog_app = typer.Typer(no_args_is_help=True, help="The title catalog in the local store.")
+config_app = typer.Typer(no_args_is_help=True, help="Firmware configs.")
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="firmware config YAML (default: embedded CPU-only "
+                         "defaults, or $APPLIANCE_CONFIG)")
+
+
+def _config(path: Path | None) -> ApplianceConfig:
+    path = path or (Path(os.environ["APPLIANCE_CONFIG"]) if os.environ.get("APPLIANCE_CONFIG") else None)
+    return load_config(path) if path else default_config()
+
+
+@app.command()
+def run(config: Path | None = ConfigOpt) -> None:
+    """Run the appliance (supervisor + ranker + vision) until SIGTERM."""
+    from appliance.ops.logs import setup_logging
+    from appliance.ops.supervisor import run_supervisor
+
+    setup_logging("supervisor")
+    raise typer.Exit(run_supervisor(_config(config)))
+
+
+@app.command(hidden=True)
+def worker(role: str, config_json: Path = typer.Option(..., "--config-json")) -> None:
+    """One appliance process (started by the supervisor)."""
+    from appliance.config.schema import validate_config
+    from appliance.ops.logs import setup_logging
+
+    cfg = validate_config(json.loads(config_json.read_text()), source=str(config_json))
+    setup_logging(role)
+    if role == "ranker":
+        from appliance.serving.process import run_ranker
+
+        raise typer.Exit(run_ranker(cfg))
+    if role == "vision":
+        from appliance.vision.process import run_vision
+
+        raise typer.Exit(run_vision(cfg))
+    raise typer.BadParameter(f"unknown role {role!r}")
+
+
+@app.command()
+def demo(duration: float = typer.Option(20.0, help="seconds of scripted viewing"),
+         json_out: Path | None = typer.Option(None, "--json", help="write the run's figures here"),
+         config: Path | None = ConfigOpt) -> None:
+    """Run the whole appliance with a scripted local player client, and show it live."""
+    from appliance.demo.run import run_demo
+
+    raise typer.Exit(run_demo(_config(config), duration, json_out))
+
+
+@app.command("demo-client", hidden=True)
+def demo_client(socket: str = typer.Option(...), duration: float = typer.Option(20.0),
+                json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """The scripted player (its own process; real gRPC over the Unix socket)."""
+    from appliance.demo.client import run_client
+
+    raise typer.Exit(run_client(socket, duration, json_out))
+
+
+@app.command()
+def doctor(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+           config: Path | None = ConfigOpt) -> None:
+    """What this box has: CPU/GPU, ONNX Runtime providers, TensorRT, GStreamer, cameras, config."""
+    from appliance.ops.doctor import print_report, run_checks
+
+    report = run_checks(_config(config))
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+@catalog_app.command("import")
+def catalog_import(csv_path: Path, replace: bool = typer.Option(False, help="drop titles not in the file"),
+                   config: Path | None = ConfigOpt) -> None:
+    """Import a MovieLens-style catalog (movieId,title,genres[,maturity]) into the local store."""
+    from appliance.ranking import parse_catalog_csv
+    from appliance.store import Store
+
+    cfg = _config(config)
+    rows = parse_catalog_csv(csv_path)
+    store = Store(cfg.path(cfg.store.db_path))
+    n = store.import_catalog(((r.item_id, r.title, "|".join(r.genres), r.year, r.maturity) for r in rows),
+                             replace=replace)
+    print(f"imported {n} titles into {store.path} (catalog now {store.catalog_count()} titles)")
+
+
+@config_app.command("check")
+def config_check(files: list[Path]) -> None:
+    """Validate firmware configs; exit 1 naming the bad field when one is invalid."""
+    bad = 0
+    for f in files:
+        try:
+            cfg = load_config(f)
+            print(f"ok   {f} ({cfg.device_class})")
+        except ApplianceError as exc:
+            bad += 1
+            print(f"FAIL {exc}", file=sys.stderr)
+    raise typer.Exit(1 if bad else 0)
+
+
+def _mount_models() -> None:
+    try:
+        from appliance.models.cli import app as models_app
+    except ImportError:  # pragma: no cover - only while the package is half-built
+        return
+    app.add_typer(models_app, name="models", help="Build and verify the ONNX models.")
+
+
+_mount_models()
+
+
+def main() -> None:
+    try:
+        app()
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

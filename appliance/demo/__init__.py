@@ -1,0 +1,1 @@
+"""`appliance demo`: the whole appliance plus a scripted player client, shown live."""

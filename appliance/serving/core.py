@@ -1,0 +1,267 @@
+"""The ranker process's state and operations, independent of gRPC.
+
+Everything a Rank needs is kept hot in memory (catalog arrays, profile and session state, latest
+affect); events update it on arrival, after they are durable. SQLite is the source of truth: the
+in-memory state is rebuilt from it at start, so a `kill -9` loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from appliance import __version__
+from appliance.config import ApplianceConfig
+from appliance.errors import NotFoundError, ValidationError
+from appliance.fusion import AffectState, ProfileState, SessionState
+from appliance.ranking import Catalog, CatalogRow, RankContext, Ranker, RankerBundle, RankResult
+from appliance.store import Store
+
+log = logging.getLogger("appliance.ranker")
+
+MATURITY_BY_NAME = {"all": 1, "7": 2, "13": 3, "16": 4, "adult": 5}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class LiveSession:
+    session_id: str
+    profile_id: str
+    device: int
+    state: SessionState
+
+
+@dataclass
+class VisionView:
+    """What the ranker last heard from the vision process."""
+
+    camera_open: bool = False
+    camera_fps: float = 0.0
+    process_fps: float = 0.0
+    detector_ms: float = 0.0
+    frames: int = 0
+    frames_with_face: int = 0
+    faces: int = 0
+    heard_ns: int = 0
+    affect_samples_received: int = 0
+    model_version: str = ""
+    reconnects: int = 0
+
+
+@dataclass
+class CoreCounters:
+    events_ingested: int = 0
+    ranks: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class ApplianceCore:
+    """Profiles, consent, sessions, events, affect and ranking of one box."""
+
+    def __init__(self, cfg: ApplianceConfig, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._lock = threading.RLock()
+        self.bundle = RankerBundle.load(cfg.path(cfg.ranking.bundle_dir))
+        if store.catalog_count() == 0:
+            store.import_catalog(_row_tuple(r) for r in self.bundle.catalog_rows)
+        self.catalog = Catalog.from_rows([_catalog_row(r) for r in store.catalog_rows()])
+        self.ranker = Ranker(self.bundle, self.catalog, affect_weight=cfg.ranking.affect_weight,
+                             diversity=cfg.ranking.diversity, affect_stale_s=cfg.ranking.affect_stale_s)
+        self.counters = CoreCounters()
+        self.vision = VisionView()
+        self._consent: dict[str, bool] = {}
+        self._profiles: dict[str, ProfileState] = {}
+        self._sessions: dict[str, LiveSession] = {}
+        self._affect: AffectState | None = None
+        self._affect_purged_ns = 0
+        self._consent_epoch = 0
+        self._rebuild()
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Replay the durable state into memory (profiles, open sessions, events)."""
+        t0 = time.perf_counter()
+        for p in self.store.profiles():
+            self._consent[p.profile_id] = p.camera_consent
+            self._profiles[p.profile_id] = ProfileState(p.profile_id)
+        for s in self.store.open_sessions():
+            self._sessions[s.session_id] = LiveSession(s.session_id, s.profile_id, s.device,
+                                                       SessionState(s.profile_id, s.session_id))
+        n = 0
+        known = set(self.catalog.ids.tolist())
+        for ev in self.store.iter_events():
+            if ev.item_id not in known:
+                continue  # an item removed from the catalog since
+            prof = self._profiles.setdefault(ev.profile_id, ProfileState(ev.profile_id))
+            prof.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value, self.catalog)
+            live = self._sessions.get(ev.session_id)
+            if live is not None:
+                live.state.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value, self.catalog)
+            n += 1
+        log.info("state rebuilt: %d profiles, %d open sessions, %d events in %.0f ms",
+                 len(self._profiles), len(self._sessions), n, (time.perf_counter() - t0) * 1e3)
+
+    # -- sessions & consent ---------------------------------------------------------------------
+    def start_session(self, profile_id: str, device: int) -> str:
+        sid = uuid.uuid4().hex
+        with self._lock:
+            self.store.start_session(sid, profile_id, device, now_ms())
+            self._consent.setdefault(profile_id, False)
+            self._profiles.setdefault(profile_id, ProfileState(profile_id))
+            self._sessions[sid] = LiveSession(sid, profile_id, device, SessionState(profile_id, sid))
+        return sid
+
+    def end_session(self, session_id: str) -> None:
+        with self._lock:
+            self._live(session_id)
+            self.store.end_session(session_id, now_ms())
+            del self._sessions[session_id]
+
+    def _live(self, session_id: str) -> LiveSession:
+        live = self._sessions.get(session_id)
+        if live is None:
+            raise NotFoundError(f"session {session_id} is unknown or has ended")
+        return live
+
+    def get_consent(self, profile_id: str) -> tuple[bool, int]:
+        row = self.store.get_profile(profile_id)
+        if row is None:
+            raise NotFoundError(f"profile {profile_id} is unknown")
+        return row.camera_consent, row.consent_updated_ms
+
+    def set_consent(self, profile_id: str, camera: bool) -> tuple[bool, int]:
+        with self._lock:
+            row = self.store.set_consent(profile_id, camera, now_ms())
+            self._profiles.setdefault(profile_id, ProfileState(profile_id))
+            self._consent[profile_id] = camera
+            self._consent_epoch += 1
+            if not camera:
+                self._purge_affect_if_unconsented()
+        return row.camera_consent, row.consent_updated_ms
+
+    def _purge_affect_if_unconsented(self) -> None:
+        if not self.consented_sessions():
+            self._affect = None
+            self._affect_purged_ns = time.monotonic_ns()
+
+    def consented_sessions(self) -> list[tuple[str, str]]:
+        """(session_id, profile_id) of open sessions whose profile allows camera affect."""
+        with self._lock:
+            return [(s.session_id, s.profile_id) for s in self._sessions.values()
+                    if self._consent.get(s.profile_id, False)]
+
+    # -- events ---------------------------------------------------------------------------------
+    def ingest(self, session_id: str, rows: list[tuple[int, int, int, float]]) -> int:
+        """Make rows durable, then apply them to memory. Returns the last durable seq."""
+        live = self._live(session_id)
+        _, known = self.catalog.index_of(np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)))
+        if not bool(np.all(known)):
+            bad = [rows[i][1] for i in np.flatnonzero(~known)[:5]]
+            raise NotFoundError(f"item_id not in the catalog: {bad}")
+        with self._lock:
+            seq = self.store.append_events(live.profile_id, session_id, rows, now_ms())
+            prof = self._profiles[live.profile_id]
+            for t, item, ts, value in rows:
+                prof.apply_event(t, item, ts, value, self.catalog)
+                live.state.apply_event(t, item, ts, value, self.catalog)
+            self.counters.events_ingested += len(rows)
+        return seq
+
+    # -- affect ---------------------------------------------------------------------------------
+    def on_affect(self, affect: AffectState, session_id: str) -> bool:
+        """Accept a sample only for a consented session and only if captured after the last purge."""
+        with self._lock:
+            live = self._sessions.get(session_id)
+            if live is None or not self._consent.get(live.profile_id, False):
+                return False
+            if affect.capture_ns <= self._affect_purged_ns:
+                return False
+            self._affect = affect
+            self.vision.affect_samples_received += 1
+            return True
+
+    def latest_affect(self) -> AffectState | None:
+        return self._affect
+
+    # -- ranking --------------------------------------------------------------------------------
+    def rank(self, session_id: str, ctx: RankContext, candidate_ids: list[int] | None, k: int) -> RankResult:
+        live = self._live(session_id)
+        cands = None
+        if candidate_ids:
+            cands = np.unique(np.asarray(candidate_ids, dtype=np.int64))
+            _, known = self.catalog.index_of(cands)
+            if not bool(np.all(known)):
+                raise NotFoundError(f"candidate ids not in the catalog: {cands[~known][:5].tolist()}")
+        with self._lock:
+            consent = self._consent.get(live.profile_id, False)
+            result = self.ranker.rank(self._profiles[live.profile_id], live.state,
+                                      self._affect if consent else None, consent, ctx, cands, k,
+                                      time.monotonic_ns())
+            self.counters.ranks += 1
+        return result
+
+    # -- profiles -------------------------------------------------------------------------------
+    def explain(self, profile_id: str) -> dict:
+        row = self.store.get_profile(profile_id)
+        if row is None:
+            raise NotFoundError(f"profile {profile_id} is unknown")
+        events, oldest = self.store.event_stats(profile_id)
+        sessions = self.store.count_sessions(profile_id)
+        prof = self._profiles.get(profile_id)
+        top = prof.top_genres(self.catalog, 5) if prof is not None else []
+        return {"camera_affect": row.camera_consent, "events": events, "sessions": sessions,
+                "oldest_ms": oldest or 0, "top_genres": top}
+
+    def forget(self, profile_id: str) -> tuple[int, int]:
+        """Erase a profile everywhere: store, memory, affect."""
+        with self._lock:
+            if self.store.get_profile(profile_id) is None and profile_id not in self._profiles:
+                raise NotFoundError(f"profile {profile_id} is unknown")
+            ev, se = self.store.forget_profile(profile_id)
+            self._profiles.pop(profile_id, None)
+            self._consent.pop(profile_id, None)
+            for sid in [s for s, live in self._sessions.items() if live.profile_id == profile_id]:
+                del self._sessions[sid]
+            self._consent_epoch += 1
+            self._purge_affect_if_unconsented()
+        return ev, se
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime
+
+        return {"appliance": __version__, "ranker_bundle": self.bundle.version,
+                "onnxruntime": onnxruntime.__version__, "vision_model": self.vision.model_version}
+
+
+def _catalog_row(r: tuple) -> CatalogRow:
+    item_id, title, genres, year, maturity = r
+    return CatalogRow(item_id=int(item_id), title=title, genres=tuple(g for g in genres.split("|") if g),
+                      year=year, maturity=int(maturity))
+
+
+def _row_tuple(r: CatalogRow) -> tuple[int, str, str, int | None, int]:
+    return (r.item_id, r.title, "|".join(r.genres), r.year, r.maturity)
+
+
+def rank_context(device: int, local_time_ms: int, utc_offset_min: int, max_maturity: int,
+                 default_max: str) -> RankContext:
+    """Turn the request's context into the ranker's (local hour/weekday, maturity ceiling)."""
+    if local_time_ms <= 0:
+        local_time_ms = now_ms()
+    local_s = local_time_ms // 1000 + utc_offset_min * 60
+    hour = int((local_s // 3600) % 24)
+    weekday = int(((local_s // 86400) + 3) % 7)  # 1970-01-01 was a Thursday; Monday = 0
+    if max_maturity == 0:
+        max_maturity = MATURITY_BY_NAME[default_max]
+    if max_maturity <= 0:
+        raise ValidationError("context.max_maturity invalid")
+    return RankContext(device=device, local_hour=hour, weekday=weekday, max_maturity=max_maturity)

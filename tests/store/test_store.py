@@ -1,0 +1,83 @@
+"""SQLite store: durability settings, migrations, forget, integrity, read-only failure."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from appliance.errors import StoreError
+from appliance.store import Store
+from appliance.store.schema import SCHEMA_VERSION
+
+
+def test_events_roundtrip_in_order(tmp_path):
+    s = Store(tmp_path / "a.db")
+    s.start_session("s" * 32, "p1", 1, 10)
+    seq = s.append_events("p1", "s" * 32, [(1, 10, 100, 0.0), (5, 11, 101, 0.0), (4, 12, 102, 0.5)], 200)
+    assert seq == 3
+    rows = list(s.iter_events("p1"))
+    assert [(r.type, r.item_id) for r in rows] == [(1, 10), (5, 11), (4, 12)]
+    assert s.event_stats("p1") == (3, 200)
+
+
+def test_wal_and_full_sync(tmp_path):
+    s = Store(tmp_path / "a.db")
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: fsync at every commit
+
+
+def test_consent_defaults_off_and_persists(tmp_path):
+    s = Store(tmp_path / "a.db")
+    assert s.ensure_profile("p", 1).camera_consent is False
+    s.set_consent("p", True, 2)
+    s.close()
+    again = Store(tmp_path / "a.db")
+    assert again.get_profile("p").camera_consent is True
+
+
+def test_forget_removes_everything_of_one_profile_only(tmp_path):
+    s = Store(tmp_path / "a.db")
+    s.start_session("a" * 32, "alice", 1, 1)
+    s.start_session("b" * 32, "bob", 1, 1)
+    s.append_events("alice", "a" * 32, [(1, 1, 1, 0.0)] * 5, 2)
+    s.append_events("bob", "b" * 32, [(1, 2, 1, 0.0)] * 3, 2)
+    assert s.forget_profile("alice") == (5, 1)
+    assert s.get_profile("alice") is None and list(s.iter_events("alice")) == []
+    assert len(list(s.iter_events("bob"))) == 3 and s.get_session("b" * 32) is not None
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "a.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer than this build"):
+        Store(path)
+
+
+def test_corrupt_file_is_refused_with_clear_error(tmp_path):
+    path = tmp_path / "a.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="a.db"):
+        Store(path)
+
+
+def test_failed_write_changes_nothing(tmp_path):
+    s = Store(tmp_path / "a.db")
+    s.start_session("a" * 32, "alice", 1, 1)
+    s.append_events("alice", "a" * 32, [(1, 1, 1, 0.0)], 2)
+    with pytest.raises(StoreError):  # second row violates NOT NULL: the whole batch rolls back
+        s.append_events("alice", "a" * 32, [(1, 2, 1, 0.0), (1, None, 1, 0.0)], 3)
+    assert [r.item_id for r in s.iter_events("alice")] == [1]
+
+
+def test_catalog_import_upserts_and_replaces(tmp_path):
+    s = Store(tmp_path / "a.db")
+    s.import_catalog([(1, "A (1999)", "Comedy", 1999, 1), (2, "B", "Drama", None, 3)])
+    s.import_catalog([(2, "B2", "Drama", None, 3)])
+    assert [r[1] for r in s.catalog_rows()] == ["A (1999)", "B2"]
+    s.import_catalog([(3, "C", "Horror", 2000, 4)], replace=True)
+    assert [r[0] for r in s.catalog_rows()] == [3]
