@@ -89,6 +89,25 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="print JSON inste
         print_report(report)
 
 
+@app.command()
+def health(config: Path | None = ConfigOpt, timeout: float = typer.Option(2.0)) -> None:
+    """Exit 0 when the ranker answers gRPC health SERVING on its socket (container HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cfg = _config(config)
+    channel = grpc.insecure_channel(f"unix:{cfg.path(cfg.serving.unix_socket)}")
+    try:
+        r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        ok = r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError as exc:
+        print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+        ok = False
+    finally:
+        channel.close()
+    raise typer.Exit(0 if ok else 1)
+
+
 @catalog_app.command("import")
 def catalog_import(csv_path: Path, replace: bool = typer.Option(False, help="drop titles not in the file"),
                    config: Path | None = ConfigOpt) -> None:
