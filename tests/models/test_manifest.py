@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from appliance.errors import ModelError
+from appliance.models.manifest import DEFAULT_MODELS_DIR, load_manifest, model_path, verify_models
+from appliance.vision.emotion import LABELS
+
+
+@pytest.fixture
+def models_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "models"
+    manifest = load_manifest(DEFAULT_MODELS_DIR)
+    for entry in manifest.models.values():
+        (dst / entry.output.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(DEFAULT_MODELS_DIR / entry.output.path, dst / entry.output.path)
+    shutil.copy2(DEFAULT_MODELS_DIR / "manifest.json", dst / "manifest.json")
+    return dst
+
+
+def test_committed_models_verify():
+    manifest = verify_models(DEFAULT_MODELS_DIR)
+    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception"}
+    emo = manifest.entry("fer_mini_xception")
+    assert tuple(emo.labels) == LABELS
+    assert emo.task == "emotion" and emo.opset == 17 and emo.source.license == "MIT"
+    assert emo.inputs[0].shape == ["N", 64, 64, 1]
+    det = manifest.entry("blazeface_short_range")
+    assert det.source.license == "Apache-2.0" and det.inputs[0].shape == [1, 128, 128, 3]
+    for e in manifest.models.values():
+        assert e.parity.max_abs_diff <= e.parity.tolerance and e.parity.argmax_agreement == 1.0
+        assert e.output.bytes == (DEFAULT_MODELS_DIR / e.output.path).stat().st_size
+        assert e.tag.startswith(f"{e.name}@") and e.output.sha256[:12] in e.tag
+
+
+def test_onnx_files_carry_their_provenance():
+    manifest = load_manifest(DEFAULT_MODELS_DIR)
+    for entry in manifest.models.values():
+        session = ort.InferenceSession(str(DEFAULT_MODELS_DIR / entry.output.path),
+                                       providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        assert meta["source_sha256"] == entry.source.sha256
+        assert meta["license"] == entry.source.license
+
+
+def test_manifest_is_deterministic_json():
+    text = (DEFAULT_MODELS_DIR / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_model_path(models_copy: Path):
+    assert model_path(models_copy, "fer_mini_xception") == models_copy / "emotion/fer_mini_xception.onnx"
+    with pytest.raises(ModelError, match="no model named 'nope'.*blazeface_short_range"):
+        model_path(models_copy, "nope")
+
+
+def test_tampered_model_names_the_file(models_copy: Path):
+    verify_models(models_copy)
+    target = models_copy / "emotion" / "fer_mini_xception.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(ModelError) as err:
+        verify_models(models_copy)
+    msg = str(err.value)
+    assert "fer_mini_xception" in msg and str(target) in msg
+    assert load_manifest(models_copy).entry("fer_mini_xception").output.sha256 in msg
+    assert "make models" in msg
+
+
+def test_missing_model_names_the_file(models_copy: Path):
+    (models_copy / "detector" / "blazeface_short_range.onnx").unlink()
+    with pytest.raises(ModelError, match="blazeface_short_range.onnx is missing.*make models"):
+        verify_models(models_copy)
+
+
+def test_bad_or_missing_manifest(models_copy: Path):
+    (models_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelError, match="invalid model manifest"):
+        load_manifest(models_copy)
+    (models_copy / "manifest.json").unlink()
+    with pytest.raises(ModelError, match="cannot read the model manifest"):
+        verify_models(models_copy)
+
+
+def test_verify_cli(models_copy: Path):
+    from typer.testing import CliRunner
+
+    from appliance.models.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", "--models-dir", str(models_copy)])
+    assert ok.exit_code == 0, ok.output
+    assert "fer_mini_xception" in ok.output and "ok" in ok.output
+    (models_copy / "detector" / "blazeface_short_range.onnx").write_bytes(b"garbage")
+    bad = runner.invoke(app, ["verify", "--models-dir", str(models_copy)])
+    assert bad.exit_code == 1
+    assert "blazeface_short_range" in bad.output
