@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
@@ -31,7 +31,7 @@ class Child:
     backoff_s: float = 0.5
     started_at: float = 0.0
     next_start: float = 0.0
-    history: list[float] = field(default_factory=list)
+    held: bool = False  # do not restart (maintenance, tests)
 
 
 class Supervisor:
@@ -76,6 +76,11 @@ class Supervisor:
         p = self.children[role].proc
         return p.pid if p and p.poll() is None else None
 
+    def hold(self, role: str, held: bool = True) -> None:
+        """Stop (or resume) restarting a role when it exits; the running process is left alone."""
+        with self._lock:
+            self.children[role].held = held
+
     def _watch(self) -> None:
         while not self._stop.wait(0.1):
             with self._lock:
@@ -95,7 +100,7 @@ class Supervisor:
             child.next_start = now + child.backoff_s
             child.backoff_s = min(child.backoff_s * 2, self.MAX_BACKOFF_S)
             return
-        if now >= child.next_start and not self._stop.is_set():
+        if now >= child.next_start and not self._stop.is_set() and not child.held:
             child.restarts += 1
             self._spawn(child)
 

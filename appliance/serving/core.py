@@ -92,20 +92,22 @@ class ApplianceCore:
         t0 = time.perf_counter()
         for p in self.store.profiles():
             self._consent[p.profile_id] = p.camera_consent
-            self._profiles[p.profile_id] = ProfileState(p.profile_id)
+            self._profiles[p.profile_id] = ProfileState(p.profile_id, self.catalog)
         for s in self.store.open_sessions():
             self._sessions[s.session_id] = LiveSession(s.session_id, s.profile_id, s.device,
-                                                       SessionState(s.profile_id, s.session_id))
+                                                       SessionState(s.profile_id, s.session_id, self.catalog))
         n = 0
         known = set(self.catalog.ids.tolist())
         for ev in self.store.iter_events():
             if ev.item_id not in known:
                 continue  # an item removed from the catalog since
-            prof = self._profiles.setdefault(ev.profile_id, ProfileState(ev.profile_id))
-            prof.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value, self.catalog)
+            prof = self._profiles.get(ev.profile_id)
+            if prof is None:
+                prof = self._profiles[ev.profile_id] = ProfileState(ev.profile_id, self.catalog)
+            prof.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value)
             live = self._sessions.get(ev.session_id)
             if live is not None:
-                live.state.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value, self.catalog)
+                live.state.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value)
             n += 1
         log.info("state rebuilt: %d profiles, %d open sessions, %d events in %.0f ms",
                  len(self._profiles), len(self._sessions), n, (time.perf_counter() - t0) * 1e3)
@@ -116,8 +118,9 @@ class ApplianceCore:
         with self._lock:
             self.store.start_session(sid, profile_id, device, now_ms())
             self._consent.setdefault(profile_id, False)
-            self._profiles.setdefault(profile_id, ProfileState(profile_id))
-            self._sessions[sid] = LiveSession(sid, profile_id, device, SessionState(profile_id, sid))
+            if profile_id not in self._profiles:
+                self._profiles[profile_id] = ProfileState(profile_id, self.catalog)
+            self._sessions[sid] = LiveSession(sid, profile_id, device, SessionState(profile_id, sid, self.catalog))
         return sid
 
     def end_session(self, session_id: str) -> None:
@@ -141,7 +144,8 @@ class ApplianceCore:
     def set_consent(self, profile_id: str, camera: bool) -> tuple[bool, int]:
         with self._lock:
             row = self.store.set_consent(profile_id, camera, now_ms())
-            self._profiles.setdefault(profile_id, ProfileState(profile_id))
+            if profile_id not in self._profiles:
+                self._profiles[profile_id] = ProfileState(profile_id, self.catalog)
             self._consent[profile_id] = camera
             self._consent_epoch += 1
             if not camera:
@@ -171,8 +175,8 @@ class ApplianceCore:
             seq = self.store.append_events(live.profile_id, session_id, rows, now_ms())
             prof = self._profiles[live.profile_id]
             for t, item, ts, value in rows:
-                prof.apply_event(t, item, ts, value, self.catalog)
-                live.state.apply_event(t, item, ts, value, self.catalog)
+                prof.apply_event(t, item, ts, value)
+                live.state.apply_event(t, item, ts, value)
             self.counters.events_ingested += len(rows)
         return seq
 
@@ -217,7 +221,7 @@ class ApplianceCore:
         events, oldest = self.store.event_stats(profile_id)
         sessions = self.store.count_sessions(profile_id)
         prof = self._profiles.get(profile_id)
-        top = prof.top_genres(self.catalog, 5) if prof is not None else []
+        top = prof.top_genres(5) if prof is not None else []
         return {"camera_affect": row.camera_consent, "events": events, "sessions": sessions,
                 "oldest_ms": oldest or 0, "top_genres": top}
 
@@ -254,14 +258,6 @@ def _row_tuple(r: CatalogRow) -> tuple[int, str, str, int | None, int]:
 
 def rank_context(device: int, local_time_ms: int, utc_offset_min: int, max_maturity: int,
                  default_max: str) -> RankContext:
-    """Turn the request's context into the ranker's (local hour/weekday, maturity ceiling)."""
-    if local_time_ms <= 0:
-        local_time_ms = now_ms()
-    local_s = local_time_ms // 1000 + utc_offset_min * 60
-    hour = int((local_s // 3600) % 24)
-    weekday = int(((local_s // 86400) + 3) % 7)  # 1970-01-01 was a Thursday; Monday = 0
-    if max_maturity == 0:
-        max_maturity = MATURITY_BY_NAME[default_max]
-    if max_maturity <= 0:
-        raise ValidationError("context.max_maturity invalid")
-    return RankContext(device=device, local_hour=hour, weekday=weekday, max_maturity=max_maturity)
+    """The ranker's context from the request's (no local time given = now; no ceiling = config's)."""
+    return RankContext.from_request(device, local_time_ms if local_time_ms > 0 else now_ms(), utc_offset_min,
+                                    max_maturity or MATURITY_BY_NAME[default_max])

@@ -1,0 +1,143 @@
+"""The versioned ranking-model bundle: loaded only when every file matches the manifest's sha256.
+
+Layout (written by `appliance.ranking.train`):
+
+    manifest.json        version, created_at, params, source sha256s, metrics, files{name: sha256, bytes}
+    catalog.csv          movieId,title,genres,maturity  (the catalog the box ships)
+    item_ids.npy         int64 [n], sorted, = catalog ids
+    item_factors.npy     float16 [n, d]  collaborative item embedding (cold titles placed by content)
+    popularity.npy       float32 [n, 2]  log1p(interactions), log1p(recency-weighted interactions)
+    content_weights.npy  float32 [F, d]  ridge map content features -> embedding (titles the bundle lacks)
+    ATTRIBUTION.md       data licence terms
+
+Content features come from the catalog alone (genres, year), so a title added to the box's catalog
+after training still gets an embedding: `content_factors(catalog) @ content_weights`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.errors import ModelError, ValidationError
+from appliance.ranking.catalog import GENRES, Catalog, CatalogRow, parse_catalog_csv
+
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("catalog.csv", "item_ids.npy", "item_factors.npy", "popularity.npy",
+                  "content_weights.npy", "ATTRIBUTION.md")
+FORMAT = 1
+
+DECADES = tuple(range(1920, 2030, 10))  # bucket 0 = before 1920; then one per decade up to the 2010s+
+CONTENT_FEATURES = "genres19+no_genre+decade12+year_unknown+year_z+bias"
+
+
+def content_features(genres: np.ndarray, years: np.ndarray) -> np.ndarray:
+    """Content features per title from its MovieLens genres (first 19 columns) and release year."""
+    n = genres.shape[0]
+    g = genres[:, : len(GENRES)].astype(np.float32)
+    no_genre = (g.sum(axis=1, keepdims=True) == 0).astype(np.float32)
+    y = years.astype(np.int64)
+    known = y > 0
+    bucket = np.searchsorted(np.asarray(DECADES), y, side="right")  # 0..len(DECADES)
+    dec = np.zeros((n, len(DECADES) + 1), dtype=np.float32)
+    dec[np.arange(n)[known], bucket[known]] = 1.0
+    y_z = np.where(known, (y - 1995) / 20.0, 0.0).astype(np.float32)[:, None]
+    return np.hstack([g, no_genre, dec, (~known).astype(np.float32)[:, None], y_z,
+                      np.ones((n, 1), dtype=np.float32)])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class RankerBundle:
+    """A verified bundle in memory. Arrays are float32 and aligned with `item_ids`."""
+
+    path: Path
+    manifest: dict[str, Any]
+    version: str
+    item_ids: np.ndarray
+    item_factors: np.ndarray
+    popularity: np.ndarray
+    content_weights: np.ndarray
+    catalog_rows: list[CatalogRow]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    def catalog(self) -> Catalog:
+        return Catalog.from_rows(self.catalog_rows)
+
+    def content_embedding(self, catalog: Catalog) -> np.ndarray:
+        """Embedding of every catalog title predicted from its content alone."""
+        return content_features(catalog.genres, catalog.year) @ self.content_weights
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RankerBundle:
+        d = Path(directory)
+        mpath = d / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"ranker bundle {d}: {MANIFEST} is missing") from None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"ranker bundle {d}: {MANIFEST} unreadable: {exc}") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise ModelError(f"ranker bundle {d}: {MANIFEST} has no 'files' table")
+        if manifest.get("format") != FORMAT:
+            raise ModelError(f"ranker bundle {d}: format {manifest.get('format')!r} is not {FORMAT}")
+        for name in REQUIRED_FILES:
+            if name not in files:
+                raise ModelError(f"ranker bundle {d}: {name} is not listed in {MANIFEST}")
+        for name, meta in files.items():
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ModelError(f"ranker bundle {d}: bad file name {name!r} in {MANIFEST}")
+            p = d / name
+            if not p.is_file():
+                raise ModelError(f"ranker bundle {d}: {name} is missing")
+            want = meta.get("sha256") if isinstance(meta, dict) else None
+            got = sha256_file(p)
+            if got != want:
+                raise ModelError(f"ranker bundle {d}: {name} sha256 {got[:12]}... does not match the "
+                                 f"manifest ({str(want)[:12]}...): corrupt or tampered")
+        try:
+            ids = np.load(d / "item_ids.npy", allow_pickle=False).astype(np.int64)
+            factors = np.load(d / "item_factors.npy", allow_pickle=False).astype(np.float32)
+            pop = np.load(d / "popularity.npy", allow_pickle=False).astype(np.float32)
+            cw = np.load(d / "content_weights.npy", allow_pickle=False).astype(np.float32)
+            rows = parse_catalog_csv(d / "catalog.csv")
+        except ValidationError as exc:
+            raise ModelError(f"ranker bundle {d}: catalog.csv: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"ranker bundle {d}: cannot load arrays: {exc}") from None
+        n = len(ids)
+        if factors.ndim != 2 or factors.shape[0] != n:
+            raise ModelError(f"ranker bundle {d}: item_factors.npy shape {factors.shape} != ({n}, d)")
+        if pop.shape != (n, 2):
+            raise ModelError(f"ranker bundle {d}: popularity.npy shape {pop.shape} != ({n}, 2)")
+        if cw.ndim != 2 or cw.shape[1] != factors.shape[1]:
+            raise ModelError(f"ranker bundle {d}: content_weights.npy shape {cw.shape} does not fit d")
+        if n and np.any(np.diff(ids) <= 0):
+            raise ModelError(f"ranker bundle {d}: item_ids.npy is not strictly increasing")
+        if not (np.isfinite(factors).all() and np.isfinite(pop).all() and np.isfinite(cw).all()):
+            raise ModelError(f"ranker bundle {d}: arrays hold NaN or inf")
+        version = str(manifest.get("version") or "")
+        if not version:
+            raise ModelError(f"ranker bundle {d}: {MANIFEST} has no version")
+        return cls(path=d, manifest=manifest, version=version, item_ids=ids, item_factors=factors,
+                   popularity=pop, content_weights=cw, catalog_rows=rows,
+                   params=dict(manifest.get("ranker") or {}))
