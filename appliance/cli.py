@@ -16,8 +16,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Edge affect-aware ranking appliance.")
 catalog_app = typer.Typer(no_args_is_help=True, help="The title catalog in the local store.")
 config_app = typer.Typer(no_args_is_help=True, help="Firmware configs.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate our models against peers, in the same run.")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(config_app, name="config")
+app.add_typer(eval_app, name="eval")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="firmware config YAML (default: embedded CPU-only "
                          "defaults, or $APPLIANCE_CONFIG)")
@@ -135,6 +137,26 @@ def config_check(files: list[Path]) -> None:
             bad += 1
             print(f"FAIL {exc}", file=sys.stderr)
     raise typer.Exit(1 if bad else 0)
+
+
+@eval_app.command("emotion")
+def eval_emotion(data_dir: Path = typer.Argument(..., help="labelled folder DIR/<class>/*.png|jpg (FER2013 names)"),
+                 json_out: Path | None = typer.Option(None, "--json"),
+                 peer: bool = typer.Option(True, help="also run the `fer` package on the same images")) -> None:
+    """Top-1, macro-F1, per-class recall and confusion of our classifier and of the `fer` package."""
+    from appliance.evaluation.emotion import run as run_eval
+
+    run_eval(data_dir, json_out, with_peer=peer)
+
+
+@eval_app.command("ranking")
+def eval_ranking(interactions: Path = typer.Option(..., help="userId,movieId,rating,timestamp CSV"),
+                 catalog: Path = typer.Option(..., help="movieId,title,genres CSV"),
+                 json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Leave-last-out HR/NDCG@10/20 of our ranker and the baselines, same split, same run."""
+    from appliance.evaluation.ranking import run as run_eval
+
+    run_eval(interactions, catalog, json_out)
 
 
 def _mount_models() -> None:

@@ -1,5 +1,5 @@
 """Firmware configuration: one validated YAML per device class (see firmware_configs/)."""
 
-from appliance.config.schema import ApplianceConfig, CaptureConfig, load_config, default_config
+from appliance.config.schema import ApplianceConfig, CaptureConfig, default_config, load_config
 
-__all__ = ["ApplianceConfig", "CaptureConfig", "load_config", "default_config"]
+__all__ = ["ApplianceConfig", "CaptureConfig", "default_config", "load_config"]

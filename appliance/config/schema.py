@@ -37,7 +37,7 @@ class CaptureConfig(StrictModel):
     stall_timeout_s: float = Field(2.0, gt=0, le=60, description="no new frame for this long = reconnect")
 
     @model_validator(mode="after")
-    def _needs_source(self) -> "CaptureConfig":
+    def _needs_source(self) -> CaptureConfig:
         if self.kind == "opencv" and not self.uri:
             raise ValueError("capture.uri is required when capture.kind is 'opencv'")
         if self.kind == "gstreamer" and not self.pipeline:
@@ -77,7 +77,7 @@ class ServingConfig(StrictModel):
     workers: int = Field(8, ge=1, le=64)
 
     @model_validator(mode="after")
-    def _tcp_needs_auth(self) -> "ServingConfig":
+    def _tcp_needs_auth(self) -> ServingConfig:
         return self
 
 
@@ -114,7 +114,7 @@ class ApplianceConfig(StrictModel):
         return template.format(run_dir=run_dir, data_dir=self.data_dir, models_dir=self.models_dir,
                                uid=os.getuid())
 
-    def with_overrides(self, **sections: dict) -> "ApplianceConfig":
+    def with_overrides(self, **sections: dict) -> ApplianceConfig:
         """A copy with some fields replaced, validated like a file (used by tests and the demo)."""
         data = self.model_dump()
         for key, value in sections.items():

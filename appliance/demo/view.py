@@ -9,6 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from typing_extensions import Self
 
 
 class LiveView:
@@ -20,7 +21,7 @@ class LiveView:
         self._live = Live(console=self.console, refresh_per_second=4) if self.tty else None
         self._last_line = 0.0
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> Self:
         if self._live:
             self._live.__enter__()
         return self
@@ -29,7 +30,7 @@ class LiveView:
         if self._live:
             self._live.__exit__(*exc)
 
-    def update(self, status, rank, latencies: list[float]) -> None:  # noqa: ANN001 - proto messages
+    def update(self, status, rank, latencies: list[float]) -> None:
         lat = np.asarray(latencies[-200:]) if latencies else np.zeros(1)
         elapsed = time.monotonic() - self.t0
         face = (status.frames_with_face / status.frames * 100) if status.frames else 0.0

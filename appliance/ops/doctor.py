@@ -37,7 +37,7 @@ def _nvidia_gpu() -> str | None:
         return None
     try:
         out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -65,7 +65,7 @@ def run_checks(cfg: ApplianceConfig) -> dict:
     gst = shutil.which("gst-launch-1.0")
     gst_version = None
     if gst:
-        out = subprocess.run([gst, "--version"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run([gst, "--version"], capture_output=True, text=True, timeout=5, check=False)
         gst_version = out.stdout.splitlines()[0] if out.stdout else None
     cv2_gst = "GStreamer:                   YES" in cv2.getBuildInformation()
     jetson, gpu = _jetson_model(), _nvidia_gpu()

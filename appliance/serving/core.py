@@ -17,7 +17,7 @@ import numpy as np
 
 from appliance import __version__
 from appliance.config import ApplianceConfig
-from appliance.errors import NotFoundError, ValidationError
+from appliance.errors import NotFoundError
 from appliance.fusion import AffectState, ProfileState, SessionState
 from appliance.ranking import Catalog, CatalogRow, RankContext, Ranker, RankerBundle, RankResult
 from appliance.store import Store

@@ -31,7 +31,7 @@ def grpc_errors(method: F) -> F:
             return method(self, request, context)
         except grpc.RpcError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the server must survive any input
+        except Exception as exc:
             for kind, code in STATUS_FOR:
                 if isinstance(exc, kind):
                     context.abort(code, str(exc))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -119,7 +119,7 @@ class SessionsService(sessions_pb2_grpc.SessionsServicer):
 
 
 class ConsentService(consent_pb2_grpc.ConsentServicer):
-    def __init__(self, core: ApplianceCore, on_change: callable = None) -> None:
+    def __init__(self, core: ApplianceCore, on_change: Callable[[], None] | None = None) -> None:
         self.core = core
         self.on_change = on_change
 
@@ -139,7 +139,7 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
 
 
 class ProfileService(profile_pb2_grpc.ProfileServicer):
-    def __init__(self, core: ApplianceCore, on_change: callable = None) -> None:
+    def __init__(self, core: ApplianceCore, on_change: Callable[[], None] | None = None) -> None:
         self.core = core
         self.on_change = on_change
 

@@ -37,7 +37,7 @@ def test_acknowledged_events_survive_kill_9(run_dir, tmp_path):
             items = [it.item_id for it in client.rank(session, k=50).items]
         stop = threading.Event()
 
-        def pump() -> None:
+        def pump(client: ApplianceClient, session: str, items: list[int], stop: threading.Event) -> None:
             while not stop.is_set():
                 batch = [rng.choice(items) for _ in range(rng.randint(1, 40))]
                 try:
@@ -48,7 +48,7 @@ def test_acknowledged_events_survive_kill_9(run_dir, tmp_path):
                 for offset, item in enumerate(batch):
                     acked[first + offset] = item
 
-        threads = [threading.Thread(target=pump) for _ in range(3)]
+        threads = [threading.Thread(target=pump, args=(client, session, items, stop)) for _ in range(3)]
         for t in threads:
             t.start()
         time.sleep(rng.uniform(0.3, 1.2))
