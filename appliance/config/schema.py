@@ -94,6 +94,15 @@ class RankingConfig(StrictModel):
     default_max_maturity: Literal["all", "7", "13", "16", "adult"] = "adult"
 
 
+class MetricsConfig(StrictModel):
+    """Prometheus endpoints, one per process, on loopback only."""
+
+    enabled: bool = True
+    host: Literal["127.0.0.1", "::1", "localhost"] = "127.0.0.1"
+    ranker_port: int = Field(9464, ge=0, le=65535, description="0 = pick a free port")
+    vision_port: int = Field(9465, ge=0, le=65535, description="0 = pick a free port")
+
+
 class ApplianceConfig(StrictModel):
     """The whole config of one box. Paths may use {run_dir}, {data_dir}, {models_dir}."""
 
@@ -107,6 +116,7 @@ class ApplianceConfig(StrictModel):
     serving: ServingConfig = ServingConfig()
     store: StoreConfig = StoreConfig()
     ranking: RankingConfig = RankingConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def path(self, template: str) -> str:
         """Expand {run_dir}/{data_dir}/{models_dir}/{uid} in a path template."""
