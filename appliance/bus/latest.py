@@ -15,45 +15,38 @@ import zmq
 from appliance.errors import ApplianceError
 
 
-def _prepare_ipc(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+def _conflating_socket(kind: int, endpoint: str, bind: bool, context: zmq.Context | None) -> zmq.Socket:
+    """A socket of `kind` keeping one message, bound or connected to `endpoint` (stale ipc files removed)."""
+    sock = (context or zmq.Context.instance()).socket(kind)
+    sock.setsockopt(zmq.CONFLATE, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if bind:
+            if endpoint.startswith("ipc://"):
+                path = Path(endpoint[len("ipc://"):])
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if path.exists():  # left behind by a killed process
+                    os.unlink(path)
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise ApplianceError(f"bus: cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from None
+    return sock
 
 
 class LatestPublisher:
     """Non-blocking publisher; an unread older message is replaced by the newer one."""
 
     def __init__(self, endpoint: str, *, bind: bool = True, context: zmq.Context | None = None) -> None:
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.CONFLATE, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
         self.endpoint = endpoint
         self.sent = 0
-        self.dropped = 0
-        try:
-            if bind:
-                _prepare_ipc(endpoint)
-                if endpoint.startswith("ipc://"):
-                    # A stale socket file from a killed process would make bind fail on some systems.
-                    path = endpoint[len("ipc://"):]
-                    if os.path.exists(path):
-                        os.unlink(path)
-                self._sock.bind(endpoint)
-            else:
-                self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(0)
-            raise ApplianceError(f"bus: cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from None
+        self._sock = _conflating_socket(zmq.PUB, endpoint, bind, context)
 
-    def publish(self, payload: bytes) -> bool:
-        try:
-            self._sock.send(payload, zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1
-            return False
+    def publish(self, payload: bytes) -> None:
+        self._sock.send(payload, zmq.NOBLOCK)  # PUB never blocks: no peer, or a full pipe, drops
         self.sent += 1
-        return True
 
     def close(self) -> None:
         self._sock.close(0)
@@ -63,23 +56,10 @@ class LatestSubscriber:
     """Subscriber that only ever holds the newest message."""
 
     def __init__(self, endpoint: str, *, bind: bool = False, context: zmq.Context | None = None) -> None:
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.CONFLATE, 1)
-        self._sock.setsockopt(zmq.RCVHWM, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.endpoint = endpoint
         self.received = 0
-        try:
-            if bind:
-                _prepare_ipc(endpoint)
-                self._sock.bind(endpoint)
-            else:
-                self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(0)
-            raise ApplianceError(f"bus: cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from None
+        self._sock = _conflating_socket(zmq.SUB, endpoint, bind, context)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 
