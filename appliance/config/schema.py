@@ -94,6 +94,27 @@ class RankingConfig(StrictModel):
     default_max_maturity: Literal["all", "7", "13", "16", "adult"] = "adult"
 
 
+class GovernorConfig(StrictModel):
+    """Thermal and load limits of this device class; the governor degrades vision before the SoC throttles."""
+
+    enabled: bool = True
+    period_s: float = Field(2.0, gt=0, le=60, description="control period")
+    temp_warm_c: float = Field(70.0, gt=0, lt=130, description="above: fewer frames, sparser detection")
+    temp_hot_c: float = Field(80.0, gt=0, lt=130, description="above: also lower precision, pause training")
+    temp_critical_c: float = Field(90.0, gt=0, lt=130, description="above: minimum frame rate")
+    hysteresis_c: float = Field(5.0, ge=0, le=30, description="cool this far below a threshold to step back")
+    cpu_high_percent: float = Field(90.0, gt=0, le=100)
+    mem_high_percent: float = Field(90.0, gt=0, le=100)
+    gpu_high_percent: float = Field(95.0, gt=0, le=100)
+    sysfs_root: str = Field("/", description="where /sys lives (tests point this at a fake tree)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GovernorConfig:
+        if not self.temp_warm_c < self.temp_hot_c < self.temp_critical_c:
+            raise ValueError("governor: temp_warm_c < temp_hot_c < temp_critical_c must hold")
+        return self
+
+
 class MetricsConfig(StrictModel):
     """Prometheus endpoints, one per process, on loopback only."""
 
@@ -117,6 +138,7 @@ class ApplianceConfig(StrictModel):
     store: StoreConfig = StoreConfig()
     ranking: RankingConfig = RankingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    governor: GovernorConfig = GovernorConfig()
 
     def path(self, template: str) -> str:
         """Expand {run_dir}/{data_dir}/{models_dir}/{uid} in a path template."""
