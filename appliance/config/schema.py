@@ -128,8 +128,10 @@ class ApplianceConfig(StrictModel):
     """The whole config of one box. Paths may use {run_dir}, {data_dir}, {models_dir}."""
 
     device_class: str = Field("cpu-only", description="which firmware config this is")
-    run_dir: str = Field("/tmp/appliance-{uid}", description="sockets live here")
-    data_dir: str = Field("var/data", description="SQLite and caches")
+    run_dir: str = Field(default_factory=lambda: os.environ.get("APPLIANCE_RUN_DIR", "/tmp/appliance-{uid}"),
+                         description="sockets live here ($APPLIANCE_RUN_DIR)")
+    data_dir: str = Field(default_factory=lambda: os.environ.get("APPLIANCE_DATA_DIR", "var/data"),
+                          description="SQLite and caches ($APPLIANCE_DATA_DIR)")
     models_dir: str = Field(str(REPO_ROOT / "models"))
     capture: CaptureConfig = CaptureConfig()
     vision: VisionConfig = VisionConfig()
