@@ -7,19 +7,24 @@ PROTOS := $(wildcard proto/appliance/v1/*.proto)
 STUBS := appliance/v1/.generated
 DEMO_SECONDS ?= 20
 GST_PKGS := gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+BROWSER_PKGS := chromium
 
-.PHONY: setup sysdeps demo test lint models clean
+.PHONY: setup sysdeps demo test lint models peers clean
 
 setup: sysdeps $(STAMP) $(STUBS)
 
-# GStreamer from the distribution: the capture tests run real pipelines. Installed when we may (root + apt).
+# From the distribution, installed when we may (root + apt): GStreamer (the capture tests run real
+# pipelines) and Chromium (the privacy page is tested in a real browser; Playwright never downloads one).
 sysdeps:
-	@if ! command -v gst-launch-1.0 >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v gst-launch-1.0 >/dev/null 2>&1 || missing="$$missing $(GST_PKGS)"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing $(BROWSER_PKGS)"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing GStreamer ($(GST_PKGS))"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(GST_PKGS) >/dev/null; \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "warning: gst-launch-1.0 not found; GStreamer sources are off. Install: $(GST_PKGS)" >&2; \
+	    echo "warning: missing system packages:$$missing (GStreamer sources / browser tests are off)" >&2; \
 	  fi; \
 	fi
 
@@ -62,5 +67,24 @@ _models:
 	$(MODELS_VENV)/bin/python -m appliance.models.cli build --out models
 	$(MODELS_VENV)/bin/python -m pytest -q -m convert tests/models
 
+# The `fer` package as a peer for `appliance eval emotion` and `python -m bench vision`, in its own venv
+# (TensorFlow, opencv-contrib-python): `fer --no-deps` plus the `peers` extra of pyproject.toml.
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+FER_VERSION ?= 25.10.3
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	@echo '*' > $(PEERS_VENV)/.gitignore
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
+	  print('\n'.join(d['project']['optional-dependencies']['peers']))" > $(PEERS_VENV)/requirements.txt
+	$(PEERS_VENV)/bin/python -m pip install -q -r $(PEERS_VENV)/requirements.txt
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps "fer==$(FER_VERSION)"
+	$(PEERS_VENV)/bin/python -c "from fer.fer import FER; FER()" >/dev/null
+	@touch $@
+
 clean:
-	rm -rf $(VENV) $(MODELS_VENV) build appliance/v1/*_pb2*.py appliance/v1/*_pb2*.pyi $(STUBS)
+	rm -rf $(VENV) $(MODELS_VENV) $(PEERS_VENV) build appliance/v1/*_pb2*.py appliance/v1/*_pb2*.pyi $(STUBS)

@@ -124,6 +124,15 @@ class MetricsConfig(StrictModel):
     vision_port: int = Field(9465, ge=0, le=65535, description="0 = pick a free port")
 
 
+class PrivacyPageConfig(StrictModel):
+    """The household's local privacy page (consent, camera indicator, why this title, delete my data)."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="loopback by default; a LAN address needs a pairing token")
+    port: int = Field(8765, ge=0, le=65535, description="0 = pick a free port")
+    pairing_token_env: str = Field("APPLIANCE_PAIRING_TOKEN", description="env var holding the LAN token")
+
+
 class ApplianceConfig(StrictModel):
     """The whole config of one box. Paths may use {run_dir}, {data_dir}, {models_dir}."""
 
@@ -141,6 +150,7 @@ class ApplianceConfig(StrictModel):
     ranking: RankingConfig = RankingConfig()
     metrics: MetricsConfig = MetricsConfig()
     governor: GovernorConfig = GovernorConfig()
+    privacy: PrivacyPageConfig = PrivacyPageConfig()
 
     def path(self, template: str) -> str:
         """Expand {run_dir}/{data_dir}/{models_dir}/{uid} in a path template."""

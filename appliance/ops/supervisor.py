@@ -130,7 +130,14 @@ def run_supervisor(cfg: ApplianceConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: done.set())
     sup = Supervisor(cfg)
     sup.start()
+    page = None
+    if cfg.privacy.enabled:
+        from appliance.privacy.server import PrivacyPage
+
+        page = PrivacyPage(cfg.privacy, f"unix:{cfg.path(cfg.serving.unix_socket)}").start()
     done.wait()
     log.info("stopping")
+    if page is not None:
+        page.stop()
     sup.stop()
     return 0

@@ -197,24 +197,28 @@ class ApplianceCore:
         return self._affect
 
     # -- ranking --------------------------------------------------------------------------------
-    def rank(self, session_id: str, ctx: RankContext, candidate_ids: list[int] | None, k: int) -> RankResult:
+    def rank(self, session_id: str, ctx: RankContext, candidate_ids: np.ndarray | list[int] | None,
+             k: int) -> RankResult:
+        """Rank for a session now. No global lock: the ranker only reads, and copies what it needs of the
+        profile and session state under their own locks (events may be applied meanwhile)."""
         live = self._live(session_id)
+        prof = self._profiles.get(live.profile_id)
+        if prof is None:  # forgotten between the two lookups
+            raise NotFoundError(f"session {session_id} is unknown or has ended")
+        consent = self._consent.get(live.profile_id, False)
         cands = None
-        if candidate_ids:
-            cands = np.unique(np.asarray(candidate_ids, dtype=np.int64))
-            _, known = self.catalog.index_of(cands)
-            if not bool(np.all(known)):
-                raise NotFoundError(f"candidate ids not in the catalog: {cands[~known][:5].tolist()}")
-        with self._lock:
-            consent = self._consent.get(live.profile_id, False)
-            result = self.ranker.rank(self._profiles[live.profile_id], live.state,
-                                      self._affect if consent else None, consent, ctx, cands, k,
-                                      time.monotonic_ns())
-            self.counters.ranks += 1
+        if candidate_ids is not None and len(candidate_ids):
+            cands = candidate_ids if isinstance(candidate_ids, np.ndarray) else np.asarray(candidate_ids, np.int64)
+        result = self.ranker.rank(prof, live.state, self._affect if consent else None, consent, ctx, cands, k,
+                                  time.monotonic_ns())
+        if result.unknown_ids:  # the ranker found them while mapping ids to rows: no extra pass here
+            raise NotFoundError(f"candidate ids not in the catalog: {result.unknown_ids[:5]}")
+        self.counters.ranks += 1
         return result
 
     # -- profiles -------------------------------------------------------------------------------
-    def explain(self, profile_id: str) -> dict:
+    def explain(self, profile_id: str, top_k: int = 0) -> dict:
+        """What the box holds about a profile, and (top_k > 0) its top titles now with their reasons."""
         row = self.store.get_profile(profile_id)
         if row is None:
             raise NotFoundError(f"profile {profile_id} is unknown")
@@ -222,8 +226,17 @@ class ApplianceCore:
         sessions = self.store.count_sessions(profile_id)
         prof = self._profiles.get(profile_id)
         top = prof.top_genres(5) if prof is not None else []
+        items = []
+        if top_k > 0 and prof is not None:
+            ctx = rank_context(0, now_ms(), 0, 0, self.cfg.ranking.default_max_maturity)
+            with self._lock:  # behaviour only: no live session, no affect
+                items = self.ranker.rank(prof, SessionState(profile_id, "explain", self.catalog), None, False, ctx,
+                                         None, top_k, time.monotonic_ns()).items
         return {"camera_affect": row.camera_consent, "events": events, "sessions": sessions,
-                "oldest_ms": oldest or 0, "top_genres": top}
+                "oldest_ms": oldest or 0, "top_genres": top, "top_items": items}
+
+    def list_profiles(self) -> list[tuple[str, bool]]:
+        return [(p.profile_id, p.camera_consent) for p in self.store.profiles()]
 
     def forget(self, profile_id: str) -> tuple[int, int]:
         """Erase a profile everywhere: store, memory, affect."""

@@ -27,6 +27,7 @@ from appliance.v1 import (
     status_pb2_grpc,
 )
 
+MAX_EXPLAIN_TOP_K = 20
 PRIVACY_STATEMENTS = (
     "Camera affect is off unless this profile turns it on; when off, the camera is not opened.",
     "Frames are analysed in memory on this box and never stored or sent anywhere.",
@@ -34,6 +35,16 @@ PRIVACY_STATEMENTS = (
     "Only clipped, noised, aggregated model updates ever leave the box; never titles, ids or events.",
     "Profile.Forget erases this profile's events, sessions and live state at once.",
 )
+
+
+def add_ranked_items(field, items) -> None:  # noqa: ANN001 - a repeated RankedItem field, RankedItems
+    """Fill a repeated appliance.v1.RankedItem field from the ranker's items."""
+    for item in items:
+        out = field.add(item_id=item.item_id, title=item.title, score=item.score)
+        for r in item.reasons:
+            out.reasons.add(text=r.text, signal=r.signal, weight=r.weight, because_item_id=r.because_item_id or 0)
+        for name, value in item.contributions.items():
+            out.contributions.add(signal=name, value=value)
 
 
 class RankerService(ranker_pb2_grpc.RankerServicer):
@@ -53,13 +64,7 @@ class RankerService(ranker_pb2_grpc.RankerServicer):
         result = self.core.rank(sid, ctx, list(cands) if cands else None, k)
         resp = ranker_pb2.RankResponse(model_version=result.model_version, affect_used=result.affect_used,
                                        affect_age_s=result.affect_age_s, mood=result.mood)
-        for item in result.items:
-            out = resp.items.add(item_id=item.item_id, title=item.title, score=item.score)
-            for r in item.reasons:
-                out.reasons.add(text=r.text, signal=r.signal, weight=r.weight,
-                                because_item_id=r.because_item_id or 0)
-            for name, value in item.contributions.items():
-                out.contributions.add(signal=name, value=value)
+        add_ranked_items(resp.items, result.items)
         return resp
 
 
@@ -147,7 +152,9 @@ class ProfileService(profile_pb2_grpc.ProfileServicer):
     def Explain(self, request: profile_pb2.ExplainRequest,
                 context: grpc.ServicerContext) -> profile_pb2.ExplainResponse:
         pid = check.profile_id(request.profile_id)
-        info = self.core.explain(pid)
+        if request.top_k > MAX_EXPLAIN_TOP_K:
+            raise ValidationError(f"top_k must be at most {MAX_EXPLAIN_TOP_K}")
+        info = self.core.explain(pid, request.top_k)
         days = self.core.cfg.store.event_retention_days
         resp = profile_pb2.ExplainResponse(
             profile_id=pid, camera_affect=info["camera_affect"], events_stored=info["events"],
@@ -155,6 +162,15 @@ class ProfileService(profile_pb2_grpc.ProfileServicer):
             statements=[s.format(days=days) for s in PRIVACY_STATEMENTS])
         for genre, affinity in info["top_genres"]:
             resp.top_genres.add(genre=genre, affinity=affinity)
+        add_ranked_items(resp.top_items, info["top_items"])
+        return resp
+
+    @grpc_errors
+    def List(self, request: profile_pb2.ListProfilesRequest,
+             context: grpc.ServicerContext) -> profile_pb2.ListProfilesResponse:
+        resp = profile_pb2.ListProfilesResponse()
+        for pid, camera in self.core.list_profiles():
+            resp.profiles.add(profile_id=pid, camera_affect=camera)
         return resp
 
     @grpc_errors

@@ -218,3 +218,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_list_profiles_and_explain_top_items(client):
+    sid = client.start_session("jo")
+    client.start_session("kim")
+    client.set_consent("kim", True)
+    items = client.rank(sid, k=3).items
+    client.send_events(sid, [(LIKE, items[0].item_id)])
+    from appliance.v1 import profile_pb2
+
+    listed = {p.profile_id: p.camera_affect for p in client.profile.List(profile_pb2.ListProfilesRequest()).profiles}
+    assert listed == {"jo": False, "kim": True}
+    ex = client.profile.Explain(profile_pb2.ExplainRequest(profile_id="jo", top_k=4))
+    assert len(ex.top_items) == 4 and all(it.reasons for it in ex.top_items)
+    assert code_of(client.profile.Explain, profile_pb2.ExplainRequest(profile_id="jo", top_k=21)) == \
+        grpc.StatusCode.INVALID_ARGUMENT
