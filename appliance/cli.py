@@ -110,6 +110,24 @@ def health(config: Path | None = ConfigOpt, timeout: float = typer.Option(2.0)) 
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def update(bundle: Path = typer.Option(..., help="signed ranking bundle directory"),
+           bundle_version: str = typer.Option(...), image_tag: str = typer.Option(...),
+           canary_share: float = typer.Option(1.0, min=0.0, max=1.0),
+           trusted_key: Path = typer.Option(..., help="release public key (PEM)"),
+           config: Path | None = ConfigOpt) -> None:
+    """Roll a signed release onto this box: verify, switch, health-check, roll back on failure."""
+    from appliance.ops.bucketing import box_id
+    from appliance.ops.updater import Release, Updater, ranker_bundle_healthy
+
+    cfg = _config(config)
+    data = Path(cfg.path("{data_dir}"))
+    up = Updater(data / "ranker-releases", trusted_key.read_bytes(), box_id(data), ranker_bundle_healthy)
+    result = up.apply(Release(image_tag, bundle_version, canary_share), bundle)
+    print(f"{result.outcome}: current={result.current} {result.detail}".rstrip())
+    raise typer.Exit(0 if result.outcome in ("switched", "skipped", "already_current") else 1)
+
+
 @catalog_app.command("import")
 def catalog_import(csv_path: Path, replace: bool = typer.Option(False, help="drop titles not in the file"),
                    config: Path | None = ConfigOpt) -> None:
