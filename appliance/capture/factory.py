@@ -7,9 +7,11 @@ start; problems a retry may fix (camera unplugged, file briefly missing, network
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from appliance.capture.frame import FrameSource, redact
 from appliance.capture.gstreamer_source import (
@@ -74,9 +76,54 @@ def source_factory(cfg: CaptureConfig, pipelines_dir: Path | None = None,
     raise CaptureError(f"unknown capture.kind {cfg.kind!r}")  # pragma: no cover - the schema forbids it
 
 
+def _path_probe(path: str) -> Callable[[], bool]:
+    return lambda: os.path.exists(path)
+
+
+def _tcp_probe(uri: str, default_port: int = 554, timeout_s: float = 0.15) -> Callable[[], bool] | None:
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        return None
+    host, port = parts.hostname, parts.port or default_port
+
+    def probe() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return True
+        except OSError:
+            return False
+
+    return probe
+
+
+def availability_probe(cfg: CaptureConfig) -> Callable[[], bool] | None:
+    """A cheap check that the configured camera is there (device node, file, RTSP port), or None.
+
+    The watchdog uses it to reconnect as soon as an unplugged camera or a dropped stream returns
+    instead of sleeping out its backoff. Sources we cannot probe (synthetic, arbitrary pipelines) get
+    None and plain backoff.
+    """
+    if cfg.kind == "opencv":
+        target = cfg.uri.strip()
+        if target.isdigit():
+            return _path_probe(f"/dev/video{int(target)}")
+    elif cfg.kind == "gstreamer":
+        target = (cfg.device or cfg.uri).strip()
+        if not target:
+            return None
+    else:
+        return None
+    if "://" in target and not target.lower().startswith("file://"):
+        scheme = target.split("://", 1)[0].lower()
+        return _tcp_probe(target, default_port={"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}.get(scheme, 554))
+    path = target[len("file://"):] if target.lower().startswith("file://") else target
+    return _path_probe(path) if path.startswith("/") or os.path.sep in path or Path(path).suffix else None
+
+
 def make_source(cfg: CaptureConfig, pipelines_dir: Path | None = None,
                 gst_backend: GstBackend | None = None) -> ResilientSource:
     """The configured source behind the watchdog (not yet open: open it only with consent)."""
     factory, name = source_factory(cfg, pipelines_dir, gst_backend)
     return ResilientSource(factory, initial_backoff_s=cfg.reconnect_initial_s,
-                           max_backoff_s=cfg.reconnect_max_s, stall_timeout_s=cfg.stall_timeout_s, name=name)
+                           max_backoff_s=cfg.reconnect_max_s, stall_timeout_s=cfg.stall_timeout_s, name=name,
+                           probe=availability_probe(cfg))

@@ -36,11 +36,19 @@ class ResilientSource:
     #: how often the supervisor wakes to check the watchdog when no frame arrives
     poll_s: float = 0.05
 
+    #: how often a backoff wait asks the availability probe whether the camera is back
+    probe_every_s: float = 0.2
+
     def __init__(self, factory: Callable[[], FrameSource], initial_backoff_s: float = 0.2,
                  max_backoff_s: float = 5.0, stall_timeout_s: float = 2.0, name: str | None = None,
                  first_frame_timeout_s: float | None = None, jitter: float = 0.2,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, probe: Callable[[], bool] | None = None) -> None:
+        """`probe`, if given, is a cheap "is the camera there?" check (device node or file exists, RTSP
+        port accepts a connection). While the watchdog backs off it asks the probe every
+        `probe_every_s`; when the camera was absent and is present again it retries at once, so a long
+        backoff never delays a returning camera (vision is back within a second or two)."""
         self._factory = factory
+        self._probe = probe
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max(max_backoff_s, initial_backoff_s)
         self.stall_timeout_s = stall_timeout_s
@@ -176,8 +184,35 @@ class ResilientSource:
             self.backoffs = (self.backoffs + [delay])[-20:]
             self.last_error = reason
             log.warning("capture %s offline: %s; reconnecting in %.2f s", self.name, reason, delay)
-            if self._stop.wait(delay):
+            if self._wait_backoff(delay):
                 return
+
+    def _probe_ok(self) -> bool | None:
+        if self._probe is None:
+            return None
+        try:
+            return bool(self._probe())
+        except Exception:  # noqa: BLE001 - a failing probe only means "do not know"
+            return None
+
+    def _wait_backoff(self, delay: float) -> bool:
+        """Wait `delay` s, or less if the probe sees the camera come back; True if stopped meanwhile."""
+        if self._probe is None:
+            return self._stop.wait(delay)
+        deadline = time.monotonic() + delay
+        was_absent = self._probe_ok() is False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._stop.is_set()
+            if self._stop.wait(min(left, self.probe_every_s)):
+                return True
+            present = self._probe_ok()
+            if present is False:
+                was_absent = True
+            elif present and was_absent:
+                log.info("capture %s: the camera is back; reconnecting now", self.name)
+                return self._stop.is_set()
 
     def _run_once(self) -> str:
         """Open one inner source and pump its frames until it fails, stalls or freezes; return why."""

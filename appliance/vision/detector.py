@@ -111,7 +111,14 @@ def to_input_tensor(frame_bgr: np.ndarray, canvas: np.ndarray | None = None,
     if tensor is None:
         tensor = np.empty((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.float32)
     # Area interpolation when shrinking: a camera frame is 3-15x the input, and plain bilinear aliases.
-    resized = cv2.resize(frame_bgr, (nw, nh), interpolation=cv2.INTER_AREA)
+    # From 4x down, a bilinear step to twice the size first and then a 2x area step gives nearly the same
+    # pixels (mean abs difference 0.3 grey levels on 640x360 -> 128x72) in about half the time
+    # (0.17 vs 0.31 ms on a 2-core x86; measured with bench/vision.py's frames).
+    if w >= 4 * nw and h >= 4 * nh:
+        half = cv2.resize(frame_bgr, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR)
+        resized = cv2.resize(half, (nw, nh), interpolation=cv2.INTER_AREA)
+    else:
+        resized = cv2.resize(frame_bgr, (nw, nh), interpolation=cv2.INTER_AREA)
     canvas[oy:oy + nh, ox:ox + nw] = resized[..., ::-1]  # BGR -> RGB
     np.multiply(canvas, np.float32(2.0 / 255.0), out=tensor[0], casting="unsafe")
     tensor -= np.float32(1.0)

@@ -50,3 +50,17 @@ def test_corrupt_model_is_a_clear_model_error(tmp_path: Path, models_dir: Path):
 def test_warmup_runs_zeros(models_dir: Path):
     session = create_session(model_path(models_dir, "blazeface_short_range"), warm=False)
     assert warmup(session) >= 0.0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_requests_fall_back_cleanly_without_tensorrt(models_dir: Path, precision: str):
+    """FP16/INT8 exist only on the TensorRT provider; where it is absent the CPU session answers exactly
+    as the FP32 one (no silent half-built accelerator session)."""
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT present: the engine paths are exercised by the GPU tests")
+    path = model_path(models_dir, "fer_mini_xception")
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 64, 64, 1)).astype(np.float32)
+    reduced = create_session(path, providers=["tensorrt", "cuda", "cpu"], precision=precision)
+    full = create_session(path, providers=["cpu"], precision="fp32")
+    assert reduced.get_providers()[-1] == "CPUExecutionProvider"
+    np.testing.assert_allclose(reduced.run(None, {"input": x})[0], full.run(None, {"input": x})[0], atol=1e-6)
