@@ -6,6 +6,7 @@ SIGTERM to the supervisor stops both children (SIGTERM, then SIGKILL after a gra
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -19,6 +20,17 @@ from pathlib import Path
 from appliance.config import ApplianceConfig
 
 log = logging.getLogger("appliance.supervisor")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own SIGTERM path still stops children
+        pass
 
 
 @dataclass
@@ -60,7 +72,7 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         out = open(child.log_path, "ab") if child.log_path else None  # noqa: SIM115 - child owns it
         child.proc = subprocess.Popen(child.argv, stdout=out or subprocess.DEVNULL,
-                                      stderr=out or None, start_new_session=True)
+                                      stderr=out or None, start_new_session=True, preexec_fn=_die_with_parent)
         if out:
             out.close()
         child.started_at = time.monotonic()
