@@ -95,6 +95,10 @@ class ApplianceClient:
         return self.profile.Forget(profile_pb2.ForgetRequest(profile_id=profile_id), timeout=5,
                                    metadata=self.metadata)
 
+    def ping(self, timeout: float = 5.0) -> None:
+        """An empty call: the transport's round trip (raises grpc.RpcError when the box does not answer)."""
+        self.status.Ping(status_pb2.PingRequest(), timeout=timeout, metadata=self.metadata)
+
     def get_status(self) -> status_pb2.ApplianceStatus:
         return self.status.Get(status_pb2.StatusRequest(), timeout=5, metadata=self.metadata)
 

@@ -67,6 +67,8 @@ class BusConfig(StrictModel):
 class ServingConfig(StrictModel):
     unix_socket: str = Field("{run_dir}/appliance.sock")
     socket_mode: int = Field(0o660, ge=0, le=0o777)
+    socket_group: str | None = Field(None, description="group (name or gid) that owns the Unix socket: its "
+                                     "members (the player's user) may connect, nobody else (mode 0660)")
     tcp_port: int | None = Field(None, ge=1, le=65535, description="off by default; needs a token")
     tcp_host: str = "127.0.0.1"
     token_env: str = Field("APPLIANCE_TOKEN", description="environment variable that holds the TCP token")
@@ -75,6 +77,17 @@ class ServingConfig(StrictModel):
     max_candidates: int = Field(10_000, ge=1, le=100_000)
     max_batch_events: int = Field(10_000, ge=1, le=1_000_000)
     workers: int = Field(8, ge=1, le=64)
+    ingest_queue_events: int = Field(1_000_000, ge=1, le=50_000_000, description="events waiting for their "
+                                     "group commit; beyond it Events answers RESOURCE_EXHAUSTED + retry-after-ms")
+    ingest_group_events: int = Field(200_000, ge=1, le=10_000_000, description="most events in one commit")
+    client_events_per_s: float = Field(100_000.0, ge=0, description="events/s one client may send (x-client-id "
+                                       "metadata, else its session); 0 = no limit")
+    client_burst_events: int = Field(200_000, ge=1, description="events a client may send at once above its rate")
+    health_period_s: float = Field(1.0, gt=0, le=60, description="how often gRPC health checks the store")
+    rank_cache_entries: int = Field(8, ge=0, le=1024, description="cached Rank answers per session (re-ranking "
+                                    "the same row with unchanged state); 0 = off")
+    blas_threads: int = Field(1, ge=1, le=64, description="BLAS threads in the ranker process (its matrices "
+                              "are tiny: more threads only add latency)")
 
     @model_validator(mode="after")
     def _tcp_needs_auth(self) -> ServingConfig:

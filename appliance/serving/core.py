@@ -11,15 +11,19 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from appliance import __version__
 from appliance.config import ApplianceConfig
-from appliance.errors import NotFoundError
+from appliance.errors import NotFoundError, StoreError
 from appliance.fusion import AffectState, ProfileState, SessionState
 from appliance.ranking import Catalog, CatalogRow, RankContext, Ranker, RankerBundle, RankResult
+from appliance.serving.apply import apply_batch
+from appliance.serving.ingest import Columns, EventWriter, RateLimiter, _Pending, columns_from_rows, validate
+from appliance.serving.rankpath import RankCache
 from appliance.store import Store
 
 log = logging.getLogger("appliance.ranker")
@@ -76,6 +80,7 @@ class ApplianceCore:
         self.catalog = Catalog.from_rows([_catalog_row(r) for r in store.catalog_rows()])
         self.ranker = Ranker(self.bundle, self.catalog, affect_weight=cfg.ranking.affect_weight,
                              diversity=cfg.ranking.diversity, affect_stale_s=cfg.ranking.affect_stale_s)
+        self._row_lut = _row_lookup(self.catalog.ids)
         self.counters = CoreCounters()
         self.vision = VisionView()
         self._consent: dict[str, bool] = {}
@@ -84,7 +89,14 @@ class ApplianceCore:
         self._affect: AffectState | None = None
         self._affect_purged_ns = 0
         self._consent_epoch = 0
+        self.rank_cache = RankCache(cfg.serving.rank_cache_entries)
         self._rebuild()
+        self.limiter = RateLimiter(cfg.serving.client_events_per_s, cfg.serving.client_burst_events)
+        self.writer = EventWriter(self, cfg.serving.ingest_queue_events, cfg.serving.ingest_group_events)
+
+    def close(self) -> None:
+        """Stop the event writer (what is queued is committed first)."""
+        self.writer.stop()
 
     # -- start-up -------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -97,20 +109,32 @@ class ApplianceCore:
             self._sessions[s.session_id] = LiveSession(s.session_id, s.profile_id, s.device,
                                                        SessionState(s.profile_id, s.session_id, self.catalog))
         n = 0
-        known = set(self.catalog.ids.tolist())
-        for ev in self.store.iter_events():
-            if ev.item_id not in known:
-                continue  # an item removed from the catalog since
-            prof = self._profiles.get(ev.profile_id)
+        share = self.catalog.genre_share
+        for b in self.store.iter_batches():
+            rows, known = self.catalog.index_of(b.item_ids)
+            if not known.all():  # titles removed from the catalog since
+                rows, types, items, ts, vals = rows[known], b.types[known], b.item_ids[known], \
+                    b.client_time_ms[known], b.values[known]
+            else:
+                types, items, ts, vals = b.types, b.item_ids, b.client_time_ms, b.values
+            prof = self._profiles.get(b.profile_id)
             if prof is None:
-                prof = self._profiles[ev.profile_id] = ProfileState(ev.profile_id, self.catalog)
-            prof.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value)
-            live = self._sessions.get(ev.session_id)
-            if live is not None:
-                live.state.apply_event(ev.type, ev.item_id, ev.client_time_ms, ev.value)
-            n += 1
+                prof = self._profiles[b.profile_id] = ProfileState(b.profile_id, self.catalog)
+            live = self._sessions.get(b.session_id)
+            apply_batch(prof, live.state if live is not None else None, types, items, ts, vals, rows, share)
+            n += len(types)
         log.info("state rebuilt: %d profiles, %d open sessions, %d events in %.0f ms",
                  len(self._profiles), len(self._sessions), n, (time.perf_counter() - t0) * 1e3)
+
+    def catalog_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Catalog.index_of by a dense table (one gather instead of a binary search per id)."""
+        lut = self._row_lut
+        if lut is None:
+            return self.catalog.index_of(ids)
+        inside = (ids >= 0) & (ids < len(lut))
+        rows = np.where(inside, lut[np.where(inside, ids, 0)], -1)
+        known = rows >= 0
+        return np.where(known, rows, 0).astype(np.int64), known
 
     # -- sessions & consent ---------------------------------------------------------------------
     def start_session(self, profile_id: str, device: int) -> str:
@@ -128,6 +152,7 @@ class ApplianceCore:
             self._live(session_id)
             self.store.end_session(session_id, now_ms())
             del self._sessions[session_id]
+        self.rank_cache.drop([session_id])
 
     def _live(self, session_id: str) -> LiveSession:
         live = self._sessions.get(session_id)
@@ -165,20 +190,35 @@ class ApplianceCore:
 
     # -- events ---------------------------------------------------------------------------------
     def ingest(self, session_id: str, rows: list[tuple[int, int, int, float]]) -> int:
-        """Make rows durable, then apply them to memory. Returns the last durable seq."""
-        live = self._live(session_id)
-        _, known = self.catalog.index_of(np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)))
-        if not bool(np.all(known)):
-            bad = [rows[i][1] for i in np.flatnonzero(~known)[:5]]
-            raise NotFoundError(f"item_id not in the catalog: {bad}")
-        with self._lock:
-            seq = self.store.append_events(live.profile_id, session_id, rows, now_ms())
-            prof = self._profiles[live.profile_id]
-            for t, item, ts, value in rows:
-                prof.apply_event(t, item, ts, value)
-                live.state.apply_event(t, item, ts, value)
-            self.counters.events_ingested += len(rows)
-        return seq
+        """Make (type, item_id, client_time_ms, value) rows durable and visible; the last durable seq."""
+        cols = validate(columns_from_rows(session_id, rows), max(len(rows), 1))
+        return self.ingest_columns([cols])[-1]
+
+    def ingest_columns(self, batches: list[Columns], timeout_s: float = 30.0,
+                       still_wanted: Callable[[], bool] | None = None) -> list[int]:
+        """Validated columns of one or more sessions -> durable (one group commit) and applied to memory.
+        Returns each batch's last sequence number. Nothing is written when a session or title is unknown,
+        nor when `still_wanted()` (the call is still live) is false by the time of the commit."""
+        pending = []
+        for cols in batches:
+            live = self._live(cols.session_id)
+            prof = self._profiles.get(live.profile_id)
+            if prof is None:
+                raise NotFoundError(f"session {cols.session_id} is unknown or has ended")
+            rows, known = self.catalog_rows(cols.item_ids)
+            if not bool(known.all()):
+                bad = cols.item_ids[~known][:5].tolist()
+                raise NotFoundError(f"item_id not in the catalog: {bad}")
+            pending.append(_Pending(live.profile_id, cols.session_id, prof, live, cols, rows, still_wanted))
+        self.writer.submit(pending)
+        deadline = time.monotonic() + timeout_s
+        for p in pending:
+            if not p.done.wait(max(0.0, deadline - time.monotonic())):
+                raise StoreError("store: the write did not finish in time; it may or may not be durable")
+        for p in pending:
+            if p.error is not None:
+                raise p.error
+        return [p.last_seq for p in pending]
 
     # -- affect ---------------------------------------------------------------------------------
     def on_affect(self, affect: AffectState, session_id: str) -> bool:
@@ -197,6 +237,28 @@ class ApplianceCore:
         return self._affect
 
     # -- ranking --------------------------------------------------------------------------------
+    def rank_versions(self, session_id: str) -> tuple[tuple[int, int] | None, float]:
+        """For the Rank cache: the (profile, session) state versions an answer computed now depends on, or
+        None while fresh consented affect is in use (the answer then changes with time); and the affect
+        age a Rank reports now (negative when none)."""
+        live = self._live(session_id)
+        prof = self._profiles.get(live.profile_id)
+        if prof is None:
+            raise NotFoundError(f"session {session_id} is unknown or has ended")
+        affect = self._affect if self._consent.get(live.profile_id, False) else None
+        if affect is None:
+            return (prof.version, live.state.version), -1.0
+        now = time.monotonic_ns()
+        age = affect.age_s(now)
+        if affect.is_fresh(now, self.ranker.affect_stale_s):
+            return None, age
+        return (prof.version, live.state.version), age
+
+    def rank_cache_put(self, session_id: str, key: tuple, versions: tuple[int, int], payload: bytes) -> None:
+        self.rank_cache.put(session_id, key, versions, payload)
+        if session_id not in self._sessions:  # ended or forgotten while this Rank ran: keep nothing
+            self.rank_cache.drop([session_id])
+
     def rank(self, session_id: str, ctx: RankContext, candidate_ids: np.ndarray | list[int] | None,
              k: int) -> RankResult:
         """Rank for a session now. No global lock: the ranker only reads, and copies what it needs of the
@@ -246,8 +308,10 @@ class ApplianceCore:
             ev, se = self.store.forget_profile(profile_id)
             self._profiles.pop(profile_id, None)
             self._consent.pop(profile_id, None)
-            for sid in [s for s, live in self._sessions.items() if live.profile_id == profile_id]:
+            gone = [s for s, live in self._sessions.items() if live.profile_id == profile_id]
+            for sid in gone:
                 del self._sessions[sid]
+            self.rank_cache.drop(gone)
             self._consent_epoch += 1
             self._purge_affect_if_unconsented()
         return ev, se
@@ -257,6 +321,15 @@ class ApplianceCore:
 
         return {"appliance": __version__, "ranker_bundle": self.bundle.version,
                 "onnxruntime": onnxruntime.__version__, "vision_model": self.vision.model_version}
+
+
+def _row_lookup(ids: np.ndarray, max_bytes: int = 16 << 20) -> np.ndarray | None:
+    """item id -> catalog row (-1: none) as a dense int32 table, when the ids are small enough for one."""
+    if len(ids) == 0 or int(ids.max()) * 4 > max_bytes or int(ids.min()) < 0:
+        return None
+    lut = np.full(int(ids.max()) + 1, -1, dtype=np.int32)
+    lut[ids] = np.arange(len(ids), dtype=np.int32)
+    return lut
 
 
 def _catalog_row(r: tuple) -> CatalogRow:

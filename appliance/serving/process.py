@@ -8,7 +8,9 @@ import threading
 
 from appliance.config import ApplianceConfig
 from appliance.serving.core import ApplianceCore
+from appliance.serving.metrics import RankerMetrics
 from appliance.serving.server import StoreHealthWatch, build_servers
+from appliance.serving.tuning import freeze_heap, tune_for_latency
 from appliance.serving.vision_link import VisionLink
 from appliance.store import Store
 
@@ -21,10 +23,34 @@ class RankerProcess:
     def __init__(self, cfg: ApplianceConfig) -> None:
         self.cfg = cfg
         self.store = Store(cfg.path(cfg.store.db_path))
-        self.core = ApplianceCore(cfg, self.store)
-        self.link = VisionLink(cfg, self.core)
-        self.servers = build_servers(cfg, self.core, on_consent_change=self.link.consent_changed)
-        self.health_watch = StoreHealthWatch(self.core, self.servers)
+        try:
+            self.core = ApplianceCore(cfg, self.store)
+        except BaseException:
+            self.store.close()
+            raise
+        try:
+            self.link = VisionLink(cfg, self.core)
+        except BaseException:
+            self.core.close()
+            self.store.close()
+            raise
+        self.metrics = RankerMetrics(self.core)
+        try:
+            self.servers = build_servers(cfg, self.core, on_consent_change=self.link.consent_changed,
+                                         metrics=self.metrics)
+        except BaseException:  # e.g. a config error: leave nothing running behind
+            self.link.stop()
+            self.core.close()
+            self.store.close()
+            raise
+        self.health_watch = StoreHealthWatch(self.core, self.servers, cfg.serving.health_period_s)
+        self.metrics_port: int | None = None
+        if cfg.metrics.enabled:
+            try:
+                self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.ranker_port)
+            except OSError as exc:  # a busy port must not take ranking down
+                log.error("metrics endpoint %s:%d not started: %s", cfg.metrics.host, cfg.metrics.ranker_port,
+                          exc.strerror or exc)
         self.link.start()
         self.health_watch.start()
         log.info("ranker serving on unix:%s%s (catalog %d titles, bundle %s)", self.servers.unix_socket,
@@ -33,8 +59,10 @@ class RankerProcess:
 
     def stop(self) -> None:
         self.health_watch.stop_event.set()
+        self.metrics.stop()
         self.servers.stop(grace=1.0)
         self.link.stop()
+        self.core.close()
         self.store.close()
 
 
@@ -43,7 +71,9 @@ def run_ranker(cfg: ApplianceConfig) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
+    tune_for_latency(cfg.serving.blas_threads)
     proc = RankerProcess(cfg)
+    freeze_heap()
     done.wait()
     log.info("ranker stopping")
     proc.stop()

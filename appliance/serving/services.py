@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -11,7 +12,10 @@ import grpc
 from appliance.errors import ValidationError
 from appliance.serving import validation as check
 from appliance.serving.core import ApplianceCore, rank_context
-from appliance.serving.errors import grpc_errors
+from appliance.serving.errors import CallEnded, grpc_errors
+from appliance.serving.ingest import columns_from_rows, parse_event_batch
+from appliance.serving.ingest import validate as validate_columns
+from appliance.serving.rankpath import encode_response, parse_rank_request, with_age
 from appliance.v1 import (
     consent_pb2,
     consent_pb2_grpc,
@@ -28,6 +32,9 @@ from appliance.v1 import (
 )
 
 MAX_EXPLAIN_TOP_K = 20
+_PONG = status_pb2.PingResponse()
+CLIENT_ID_KEY = "x-client-id"
+STREAM_END_GRACE_S = 0.003
 PRIVACY_STATEMENTS = (
     "Camera affect is off unless this profile turns it on; when off, the camera is not opened.",
     "Frames are analysed in memory on this box and never stored or sent anywhere.",
@@ -53,19 +60,36 @@ class RankerService(ranker_pb2_grpc.RankerServicer):
         self.cfg = core.cfg.serving
 
     @grpc_errors
-    def Rank(self, request: ranker_pb2.RankRequest, context: grpc.ServicerContext) -> ranker_pb2.RankResponse:
-        sid = check.session_id(request.session_id)
-        check.context(request.context)
-        k = check.k(request.k, self.cfg.max_k)
-        cands = check.candidate_ids(request.candidate_ids, self.cfg.max_candidates)
-        ctx = rank_context(request.context.device, request.context.local_time_unix_ms,
-                           request.context.utc_offset_minutes, request.context.max_maturity,
+    def Rank(self, request: bytes | ranker_pb2.RankRequest, context: grpc.ServicerContext) -> bytes:
+        """Serialized RankRequest in, serialized RankResponse out (see rankpath: wire view and cache)."""
+        call = parse_rank_request(request if isinstance(request, bytes) else request.SerializeToString())
+        sid = check.session_id(call.session_id)
+        check.context(call.context)
+        k = check.k(call.k, self.cfg.max_k)
+        c = call.context
+        ctx = rank_context(c.device, c.local_time_unix_ms, c.utc_offset_minutes, c.max_maturity,
                            self.core.cfg.ranking.default_max_maturity)
-        result = self.core.rank(sid, ctx, list(cands) if cands else None, k)
-        resp = ranker_pb2.RankResponse(model_version=result.model_version, affect_used=result.affect_used,
-                                       affect_age_s=result.affect_age_s, mood=result.mood)
-        add_ranked_items(resp.items, result.items)
-        return resp
+        key = (k, ctx, call.ids_key)
+        cache = self.core.rank_cache
+        entry = cache.peek(sid, key)
+        cands = None
+        if entry is None:  # not seen before: validate the ids (a stored entry's ids were validated)
+            cands = check.candidate_array(call.ids(self.cfg.max_candidates), self.cfg.max_candidates)
+        versions, age = self.core.rank_versions(sid)
+        if entry is not None and versions is not None and (entry[0], entry[1]) == versions:
+            cache.hits += 1
+            return with_age(entry[2], age)
+        if entry is not None:
+            cands = check.candidate_array(call.ids(self.cfg.max_candidates), self.cfg.max_candidates)
+        cache.misses += 1
+        left = context.time_remaining() if context is not None else None
+        if left is not None and left <= 0:  # the caller has given up: do not rank for nobody
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before ranking")
+        result = self.core.rank(sid, ctx, cands, k)
+        payload = encode_response(result)
+        if versions is not None and not result.affect_used:
+            self.core.rank_cache_put(sid, key, versions, payload)
+        return with_age(payload, result.affect_age_s)
 
 
 class EventsService(events_pb2_grpc.EventsServicer):
@@ -73,18 +97,33 @@ class EventsService(events_pb2_grpc.EventsServicer):
         self.core = core
         self.max_events = core.cfg.serving.max_batch_events
 
+    def _client_key(self, context: grpc.ServicerContext, session_id: str) -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == CLIENT_ID_KEY:
+                return f"c:{value[:64]}"
+        return f"s:{session_id}"
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        left = context.time_remaining()
+        return 30.0 if left is None else max(0.0, min(float(left), 30.0))
+
     @grpc_errors
-    def IngestBatch(self, request: events_pb2.EventBatch, context: grpc.ServicerContext) -> events_pb2.IngestAck:
-        sid = check.session_id(request.session_id)
-        rows = check.event_columns(request.types, request.item_ids, request.client_time_ms, request.values,
-                                   self.max_events)
-        seq = self.core.ingest(sid, rows)
-        return events_pb2.IngestAck(accepted=len(rows), durable_seq=seq)
+    def IngestBatch(self, request: bytes | events_pb2.EventBatch, context: grpc.ServicerContext) -> bytes:
+        """Serialized EventBatch in (decoded column-wise, see ingest), serialized IngestAck out."""
+        data = request if isinstance(request, bytes) else request.SerializeToString()
+        cols = parse_event_batch(data, self.max_events)
+        check.session_id(cols.session_id)
+        cols = validate_columns(cols, self.max_events)
+        self.core.limiter.take(self._client_key(context, cols.session_id), len(cols))
+        seq = self.core.ingest_columns([cols], self._timeout(context), context.is_active)[0]
+        return events_pb2.IngestAck(accepted=len(cols), durable_seq=seq).SerializeToString()
 
     @grpc_errors
     def Ingest(self, request_iterator: Iterator[events_pb2.Event],
                context: grpc.ServicerContext) -> events_pb2.IngestAck:
         # Validate the whole stream first: a bad event rejects the call and nothing is written.
+        ended = threading.Event()
+        context.add_callback(ended.set)  # fires when the call terminates (a cut stream: at once)
         by_session: dict[str, list[tuple[int, int, int, float]]] = defaultdict(list)
         n = 0
         for ev in request_iterator:
@@ -97,12 +136,15 @@ class EventsService(events_pb2_grpc.EventsServicer):
                                                    where=f"event {n - 1}"))
         if n == 0:
             raise ValidationError("stream carried no events")
-        for sid in by_session:
-            self.core._live(sid)  # unknown session -> NOT_FOUND before anything is written
-        seq = 0
-        for sid, rows in by_session.items():
-            seq = self.core.ingest(sid, rows)
-        return events_pb2.IngestAck(accepted=n, durable_seq=seq)
+        batches = [validate_columns(columns_from_rows(sid, rows), self.max_events) for sid, rows in by_session.items()]
+        for cols in batches:
+            self.core.limiter.take(self._client_key(context, cols.session_id), len(cols))
+        # A stream cut by the transport (an oversize message, a reset) can look like a clean end for a moment:
+        # grpcio reports the missing message before the cancellation. Give the cancellation that moment.
+        if ended.wait(STREAM_END_GRACE_S) or not context.is_active():
+            raise CallEnded("the stream ended with an error; nothing was written")
+        seqs = self.core.ingest_columns(batches, self._timeout(context), context.is_active)  # one group commit
+        return events_pb2.IngestAck(accepted=n, durable_seq=max(seqs))
 
 
 class SessionsService(sessions_pb2_grpc.SessionsServicer):
@@ -186,6 +228,9 @@ class StatusService(status_pb2_grpc.StatusServicer):
     def __init__(self, core: ApplianceCore, vision_timeout_s: float = 1.5) -> None:
         self.core = core
         self.vision_timeout_ns = int(vision_timeout_s * 1e9)
+
+    def Ping(self, request: status_pb2.PingRequest, context: grpc.ServicerContext) -> status_pb2.PingResponse:
+        return _PONG
 
     @grpc_errors
     def Get(self, request: status_pb2.StatusRequest, context: grpc.ServicerContext) -> status_pb2.ApplianceStatus:

@@ -6,6 +6,8 @@ import math
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from appliance.errors import ValidationError
 from appliance.v1 import common_pb2, events_pb2
 
@@ -47,13 +49,22 @@ def k(value: int, max_k: int) -> int:
     return value
 
 
-def candidate_ids(ids: Sequence[int], max_candidates: int) -> Sequence[int]:
+def candidate_array(ids: np.ndarray | None, max_candidates: int) -> np.ndarray | None:
+    """The candidate column as int64 (None when empty = the whole catalog); ids are positive."""
+    if ids is None or len(ids) == 0:
+        return None
     if len(ids) > max_candidates:
         raise ValidationError(f"candidate_ids: at most {max_candidates} per call, got {len(ids)}")
-    for i in ids:
-        if i <= 0:
-            raise ValidationError(f"candidate_ids: ids are positive, got {i}")
+    if int(ids.min()) <= 0:
+        raise ValidationError(f"candidate_ids: ids are positive, got {int(ids[ids <= 0][0])}")
     return ids
+
+
+def candidate_ids(ids: Sequence[int], max_candidates: int) -> np.ndarray | None:
+    """Like candidate_array, from a repeated field."""
+    if len(ids) > max_candidates:
+        raise ValidationError(f"candidate_ids: at most {max_candidates} per call, got {len(ids)}")
+    return candidate_array(np.fromiter(ids, dtype=np.int64, count=len(ids)), max_candidates)
 
 
 def event_columns(types: Sequence[int], item_ids: Sequence[int], times: Sequence[int],

@@ -79,6 +79,7 @@ class VisionLink:
         self._stop.set()
         self._wake.set()
         for t in self._threads:
-            t.join(timeout=1)
+            if t.ident is not None:  # started
+                t.join(timeout=1)
         self._control.close()
         self._affect.close()

@@ -1,5 +1,5 @@
 """Durable local state in SQLite (WAL): profiles, consent, sessions, events, catalog."""
 
-from appliance.store.db import EventRow, ProfileRow, SessionRow, Store
+from appliance.store.db import EventBatch, EventRow, ProfileRow, SessionRow, Store, StoredBatch
 
-__all__ = ["EventRow", "ProfileRow", "SessionRow", "Store"]
+__all__ = ["EventBatch", "EventRow", "ProfileRow", "SessionRow", "Store", "StoredBatch"]

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from appliance.errors import StoreError
 from appliance.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -35,6 +37,29 @@ class SessionRow:
 
 
 @dataclass(frozen=True)
+class EventBatch:
+    """Columns of events of one session: uint8 types, int64 item ids and client times, float32 values."""
+    profile_id: str
+    session_id: str
+    types: np.ndarray
+    item_ids: np.ndarray
+    client_time_ms: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    first_seq: int
+    profile_id: str
+    session_id: str
+    stored_ms: int
+    types: np.ndarray
+    item_ids: np.ndarray
+    client_time_ms: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
 class EventRow:
     seq: int
     profile_id: str
@@ -45,9 +70,20 @@ class EventRow:
     value: float
 
 
+SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN = 13, 10, 8, 14
+
+
+def _is_disk_error(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN):
+        return True
+    msg = str(exc)
+    return "full" in msg or "disk I/O" in msg or "readonly" in msg
+
+
 def _store_error(action: str, exc: sqlite3.Error) -> StoreError:
     msg = str(exc)
-    if "full" in msg or "disk I/O" in msg:
+    if _is_disk_error(exc):
         return StoreError(f"store: {action} failed: disk full or unwritable ({msg}); nothing was written")
     return StoreError(f"store: {action} failed: {msg}")
 
@@ -63,12 +99,25 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # Deleted rows are overwritten with zeros, not just unlinked: Forget leaves nothing to recover.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"store: cannot open {self.path}: {exc}") from None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.healthy_read = True   # the last read (or ping) worked
+        self.writable = True       # the last write worked (False after disk full / I/O error until one does)
+        self._failed_bytes = 0     # size of the last write that failed for lack of space (for probe_write)
+        self._tx_bytes = 0         # size of the write in progress
         self._check_integrity()
         self._migrate()
+        self._next_seq = self._load_next_seq()
+
+    def _load_next_seq(self) -> int:
+        """Sequence numbers are never reused, not even after Forget erased the newest events."""
+        meta = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        top = self._db.execute("SELECT MAX(first_seq + n) FROM event_batches").fetchone()
+        return max(int(meta[0]) if meta else 1, int(top[0]) if top and top[0] is not None else 1)
 
     # -- start-up ---------------------------------------------------------------------------------
     def _check_integrity(self) -> None:
@@ -83,9 +132,13 @@ class Store:
                 f"store: {self.path} has schema {version}, newer than this build ({SCHEMA_VERSION}); "
                 "refusing to touch it (roll the appliance forward, or restore a backup)")
         for target in range(version + 1, SCHEMA_VERSION + 1):
+            step = MIGRATIONS[target - 1]
             with self._tx(f"migration to schema {target}") as db:
-                for statement in _split_sql(MIGRATIONS[target - 1]):
-                    db.execute(statement)
+                if callable(step):
+                    step(db)
+                else:
+                    for statement in _split_sql(step):
+                        db.execute(statement)
                 db.execute(f"PRAGMA user_version={target}")
 
     @property
@@ -93,13 +146,29 @@ class Store:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def ping(self) -> bool:
-        """True when the database answers (used by gRPC health)."""
+        """True when the database answers a read (used by gRPC health)."""
         try:
             with self._lock:
-                self._db.execute("SELECT 1").fetchone()
-            return True
+                self._db.execute("SELECT COUNT(*) FROM meta").fetchone()
+            self.healthy_read = True
         except sqlite3.Error:
+            self.healthy_read = False
+        return self.healthy_read
+
+    def probe_write(self) -> bool:
+        """After a disk error: has space come back? Commits a block as large as the write that failed
+        (a tiny write may fit where a batch does not), then deletes it. Updates `writable`."""
+        size = min(max(self._failed_bytes, 4096), 8 << 20)
+        try:
+            with self._tx("health probe") as db:
+                db.execute("INSERT OR REPLACE INTO health_probe(id, data) VALUES (1, zeroblob(?))", (size,))
+            with self._tx("health probe") as db:
+                db.execute("DELETE FROM health_probe")
+        except StoreError:
+            self.writable = False
             return False
+        self._failed_bytes = 0
+        return True
 
     def close(self) -> None:
         with self._lock:
@@ -109,17 +178,28 @@ class Store:
     @contextmanager
     def _tx(self, action: str) -> Iterator[sqlite3.Connection]:
         """One durable transaction: committed (fsync) on exit, rolled back on any error."""
-        with self._lock:
+        with self._lock, self._tx_locked(action) as db:
+            yield db
+
+    @contextmanager
+    def _tx_locked(self, action: str) -> Iterator[sqlite3.Connection]:
+        """`_tx` for a caller that already holds the lock."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise _store_error(action, exc) from None
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if _is_disk_error(exc):
+                self.writable = False
+                self._failed_bytes = max(self._failed_bytes, self._tx_bytes)
+            raise _store_error(action, exc) from None
+        finally:
+            self._tx_bytes = 0
+        self.writable = True
 
     _NEW_PROFILE = ("INSERT OR IGNORE INTO profiles(profile_id, created_ms, camera_consent, consent_updated_ms) "
                     "VALUES (?, ?, 0, ?)")
@@ -152,23 +232,61 @@ class Store:
             db.execute("UPDATE sessions SET ended_ms=? WHERE session_id=? AND ended_ms IS NULL",
                        (now_ms, session_id))
 
+    def append_batches(self, batches: Sequence[EventBatch], now_ms: int) -> list[int]:
+        """Append columnar batches in ONE durable transaction (one fsync for all: group commit).
+
+        Returns each batch's last sequence number; its events are `last - n + 1 .. last`, in order. On any
+        error nothing is written and no sequence number is used up."""
+        blobs = [(len(b.types), b.profile_id, b.session_id, now_ms, b.types.astype(np.uint8, copy=False).tobytes(),
+                  b.item_ids.astype("<i8", copy=False).tobytes(), b.client_time_ms.astype("<i8", copy=False).tobytes(),
+                  b.values.astype("<f4", copy=False).tobytes()) for b in batches]
+        with self._lock:
+            seq = self._next_seq
+            params, lasts = [], []
+            for blob in blobs:
+                params.append((seq, *blob))
+                seq += blob[0]
+                lasts.append(seq - 1)
+            self._tx_bytes = sum(len(p[5]) + len(p[6]) + len(p[7]) + len(p[8]) for p in params)
+            with self._tx_locked("append events") as db:
+                db.executemany("INSERT INTO event_batches(first_seq, n, profile_id, session_id, stored_ms, types, "
+                               "item_ids, client_time_ms, event_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?)", (str(seq),))
+            self._next_seq = seq  # only once the commit is durable
+        return lasts
+
     def append_events(self, profile_id: str, session_id: str,
                       rows: Sequence[tuple[int, int, int, float]], now_ms: int) -> int:
         """Append (type, item_id, client_time_ms, value) rows in one durable transaction; last seq."""
-        with self._tx("append events") as db:
-            db.executemany(
-                "INSERT INTO events(profile_id, session_id, type, item_id, client_time_ms, value, stored_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(profile_id, session_id, t, i, c, v, now_ms) for t, i, c, v in rows])
-            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
-        return int(seq[0]) if seq else 0
+        try:
+            cols = list(zip(*rows)) if rows else [(), (), (), ()]
+            batch = EventBatch(profile_id, session_id, np.array(cols[0], dtype=np.uint8),
+                               np.array(cols[1], dtype=np.int64), np.array(cols[2], dtype=np.int64),
+                               np.array(cols[3], dtype=np.float32))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise StoreError(f"store: append events failed: not a valid event row ({exc}); nothing was written") \
+                from None
+        if not len(batch.types):
+            return self.last_seq()
+        return self.append_batches([batch], now_ms)[0]
 
     def forget_profile(self, profile_id: str) -> tuple[int, int]:
-        """Erase a profile, its sessions and events. Returns (events, sessions) deleted."""
-        with self._tx("forget profile") as db:
-            ev = db.execute("DELETE FROM events WHERE profile_id=?", (profile_id,)).rowcount
-            se = db.execute("DELETE FROM sessions WHERE profile_id=?", (profile_id,)).rowcount
-            db.execute("DELETE FROM profiles WHERE profile_id=?", (profile_id,))
+        """Erase a profile, its sessions and events. Returns (events, sessions) deleted.
+
+        The rows are overwritten (secure_delete), and the WAL, which still holds the old page images, is
+        checkpointed into the database and truncated to zero bytes, so the profile is gone from the files
+        too (best effort: a reader holding an old snapshot open delays the truncation to a later Forget)."""
+        with self._lock:
+            with self._tx_locked("forget profile") as db:
+                ev = db.execute("SELECT COALESCE(SUM(n), 0) FROM event_batches WHERE profile_id=?",
+                                (profile_id,)).fetchone()[0]
+                db.execute("DELETE FROM event_batches WHERE profile_id=?", (profile_id,))
+                se = db.execute("DELETE FROM sessions WHERE profile_id=?", (profile_id,)).rowcount
+                db.execute("DELETE FROM profiles WHERE profile_id=?", (profile_id,))
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error:
+                pass  # the erase itself is committed; the WAL is scrubbed at the next checkpoint
         return int(ev), int(se)
 
     def import_catalog(self, rows: Iterable[tuple[int, str, str, int | None, int]], replace: bool = False) -> int:
@@ -189,6 +307,7 @@ class Store:
             try:
                 return self._db.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
+                self.healthy_read = False
                 raise _store_error("read", exc) from None
 
     def get_profile(self, profile_id: str) -> ProfileRow | None:
@@ -212,31 +331,41 @@ class Store:
     def count_sessions(self, profile_id: str) -> int:
         return int(self._read("SELECT COUNT(*) FROM sessions WHERE profile_id=?", (profile_id,))[0][0])
 
-    def iter_events(self, profile_id: str | None = None, batch: int = 10_000) -> Iterator[EventRow]:
-        """Events in durable order (for replaying state at start)."""
+    def iter_batches(self, profile_id: str | None = None, chunk: int = 256) -> Iterator[StoredBatch]:
+        """Stored batches in durable order (for replaying state at start), columns as numpy arrays."""
         last = 0
+        cols = "first_seq, n, profile_id, session_id, stored_ms, types, item_ids, client_time_ms, event_values"
         while True:
             if profile_id is None:
-                rows = self._read("SELECT seq, profile_id, session_id, type, item_id, client_time_ms, value "
-                                  "FROM events WHERE seq>? ORDER BY seq LIMIT ?", (last, batch))
+                rows = self._read(f"SELECT {cols} FROM event_batches WHERE first_seq>? ORDER BY first_seq LIMIT ?",
+                                  (last, chunk))
             else:
-                rows = self._read("SELECT seq, profile_id, session_id, type, item_id, client_time_ms, value "
-                                  "FROM events WHERE profile_id=? AND seq>? ORDER BY seq LIMIT ?",
-                                  (profile_id, last, batch))
+                rows = self._read(f"SELECT {cols} FROM event_batches WHERE profile_id=? AND first_seq>? "
+                                  "ORDER BY first_seq LIMIT ?", (profile_id, last, chunk))
             if not rows:
                 return
             for r in rows:
-                yield EventRow(*r)
+                yield StoredBatch(r[0], r[2], r[3], r[4], np.frombuffer(r[5], dtype=np.uint8),
+                                  np.frombuffer(r[6], dtype="<i8"), np.frombuffer(r[7], dtype="<i8"),
+                                  np.frombuffer(r[8], dtype="<f4"))
             last = rows[-1][0]
+
+    def iter_events(self, profile_id: str | None = None) -> Iterator[EventRow]:
+        """Events one by one in durable order (tests, tools; the ranker replays `iter_batches`)."""
+        for b in self.iter_batches(profile_id):
+            for k, (t, i, c, v) in enumerate(zip(b.types.tolist(), b.item_ids.tolist(), b.client_time_ms.tolist(),
+                                                 b.values.tolist())):
+                yield EventRow(b.first_seq + k, b.profile_id, b.session_id, t, i, c, v)
 
     def event_stats(self, profile_id: str) -> tuple[int, int | None]:
         """(count, oldest stored_ms) of a profile's events."""
-        r = self._read("SELECT COUNT(*), MIN(stored_ms) FROM events WHERE profile_id=?", (profile_id,))[0]
+        r = self._read("SELECT COALESCE(SUM(n), 0), MIN(stored_ms) FROM event_batches WHERE profile_id=?",
+                       (profile_id,))[0]
         return int(r[0]), (int(r[1]) if r[1] is not None else None)
 
     def last_seq(self) -> int:
-        r = self._read("SELECT seq FROM sqlite_sequence WHERE name='events'")
-        return int(r[0][0]) if r else 0
+        """Sequence number of the last durable event (0 before the first)."""
+        return self._next_seq - 1
 
     def catalog_rows(self) -> list[tuple[int, str, str, int | None, int]]:
         return [tuple(r) for r in self._read(

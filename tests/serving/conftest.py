@@ -9,7 +9,8 @@ from appliance.serving.process import RankerProcess
 
 @pytest.fixture
 def cfg(run_dir, tmp_path):
-    return default_config().with_overrides(run_dir=str(run_dir), data_dir=str(tmp_path / "data"))
+    return default_config().with_overrides(run_dir=str(run_dir), data_dir=str(tmp_path / "data"),
+                                          metrics={"ranker_port": 0})
 
 
 @pytest.fixture

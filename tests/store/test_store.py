@@ -81,3 +81,55 @@ def test_catalog_import_upserts_and_replaces(tmp_path):
     assert [r[1] for r in s.catalog_rows()] == ["A (1999)", "B2"]
     s.import_catalog([(3, "C", "Horror", 2000, 4)], replace=True)
     assert [r[0] for r in s.catalog_rows()] == [3]
+
+
+def test_schema_1_events_migrate_to_batches(tmp_path):
+    """A store written by schema 1 (one row per event) opens with its events, sequence numbers and order."""
+    from appliance.store.schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    db.execute("INSERT INTO profiles VALUES ('p1', 1, 0, 1)")
+    db.execute("INSERT INTO sessions VALUES ('s1', 'p1', 1, 1, NULL)")
+    rows = [("p1", "s1", 1, 10, 100, 0.0, 5), ("p1", "s1", 8, 11, 101, 30.5, 5), ("p1", "s1", 4, 12, 102, 0.0, 6),
+            ("p2", "s2", 5, 13, 103, 0.0, 6)]
+    db.executemany("INSERT INTO events(profile_id, session_id, type, item_id, client_time_ms, value, stored_ms) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    db.execute("DELETE FROM events WHERE seq=2")  # a gap, as a Forget of an older profile would leave
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert s.schema_version == SCHEMA_VERSION
+    got = [(e.seq, e.profile_id, e.type, e.item_id, e.client_time_ms, e.value) for e in s.iter_events()]
+    assert got == [(1, "p1", 1, 10, 100, 0.0), (3, "p1", 4, 12, 102, 0.0), (4, "p2", 5, 13, 103, 0.0)]
+    assert s.event_stats("p1") == (2, 5)
+    assert s.append_events("p1", "s1", [(9, 14, 104, 0.0)], 7) == 5  # numbering goes on after the old rows
+    tables = {r[0] for r in s._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "events" not in tables
+
+
+def test_sequence_numbers_are_never_reused_after_forget(tmp_path):
+    s = Store(tmp_path / "a.db")
+    s.start_session("a" * 32, "alice", 1, 1)
+    last = s.append_events("alice", "a" * 32, [(1, 1, 1, 0.0)] * 4, 2)
+    s.forget_profile("alice")  # the newest events are gone
+    s.close()
+    again = Store(tmp_path / "a.db")
+    assert again.last_seq() == last
+    again.start_session("b" * 32, "bob", 1, 3)
+    assert again.append_events("bob", "b" * 32, [(1, 2, 1, 0.0)], 4) == last + 1
+
+
+def test_group_commit_appends_many_batches_in_one_transaction(tmp_path):
+    import numpy as np
+
+    from appliance.store import EventBatch
+
+    s = Store(tmp_path / "a.db")
+    batches = [EventBatch("p", f"{i:032d}", np.full(n, 9, np.uint8), np.arange(1, n + 1, dtype=np.int64),
+                          np.zeros(n, np.int64), np.zeros(n, np.float32)) for i, n in enumerate((3, 1, 5))]
+    assert s.append_batches(batches, 10) == [3, 4, 9]
+    assert [(b.first_seq, b.session_id, len(b.types)) for b in s.iter_batches()] == \
+        [(1, f"{0:032d}", 3), (4, f"{1:032d}", 1), (5, f"{2:032d}", 5)]
+    assert s.event_stats("p") == (9, 10)

@@ -1,0 +1,224 @@
+"""`python -m bench soak --clients 64 --minutes 10 --json OUT`: a long, steady, mixed load on the ranker.
+
+The ranker runs as its own process (`appliance worker ranker`). `--clients` player clients (threads spread
+over `--procs` processes, one channel per process) each open a session and, at `--rate` operations per
+second (with jitter), do what a TV does: Rank the row it shows (re-rank on focus changes, sometimes a new
+row), send small event batches, now and then Explain, toggle consent, or end the session and start a new
+one. Reported per minute: calls, errors, p50/p99 per operation; and the ranker's RSS over the run.
+
+Pass criteria (issue 7): 0 errors, Rank p99 of the last minute within 20% of the first, RSS growth <= 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench.common import machine, write_results
+from bench.rank import line_plot
+
+REPO = Path(__file__).resolve().parents[1]
+OPS = ("rank", "events", "explain", "consent", "session")
+
+
+def _client_proc(sock: str, n_threads: int, ids: np.ndarray, seconds: float, rate: float, seed: int,
+                 start: Any, out: Any) -> None:
+    import grpc
+
+    from appliance.client import ApplianceClient
+    from appliance.v1 import events_pb2
+
+    client = ApplianceClient(f"unix:{sock}")
+    # a player's event mix: mostly browsing and dwelling, some plays, few likes/skips/completes
+    KINDS = (events_pb2.EVENT_TYPE_BROWSE, events_pb2.EVENT_TYPE_DWELL, events_pb2.EVENT_TYPE_PLAY,  # noqa: N806
+             events_pb2.EVENT_TYPE_PAUSE, events_pb2.EVENT_TYPE_SKIP, events_pb2.EVENT_TYPE_LIKE,
+             events_pb2.EVENT_TYPE_COMPLETE)
+    WEIGHTS = (0.55, 0.3, 0.05, 0.04, 0.03, 0.02, 0.01)  # noqa: N806
+    records: list[tuple[float, int, float, int]] = []  # (t since start, op index, ms, ok)
+    lock = threading.Lock()
+    ids_l = ids.tolist()
+
+    def player(j: int) -> None:
+        rng = random.Random(seed * 1000 + j)
+        profile = f"soak-{seed}-{j}"
+        sid = client.start_session(profile)
+        row = rng.sample(ids_l, 1000)
+        local: list[tuple[float, int, float, int]] = []
+        t_end = t0 + seconds
+        nxt = time.perf_counter() + rng.uniform(0, 1.0 / rate)
+        while True:
+            now = time.perf_counter()
+            if now >= t_end:
+                break
+            if nxt > now:
+                time.sleep(nxt - now)
+            nxt += rng.expovariate(rate)
+            r = rng.random()
+            op = 0 if r < 0.6 else 1 if r < 0.9 else 2 if r < 0.95 else 3 if r < 0.98 else 4
+            ts = time.perf_counter()
+            ok = 1
+            try:
+                if op == 0:
+                    if rng.random() < 0.2:
+                        row = rng.sample(ids_l, 1000)
+                    client.rank(sid, k=20, candidate_ids=row)
+                elif op == 1:
+                    client.send_events(sid, [(rng.choices(KINDS, WEIGHTS)[0], rng.choice(row))
+                                             for _ in range(rng.randint(1, 30))])
+                elif op == 2:
+                    client.explain(profile)
+                elif op == 3:
+                    client.set_consent(profile, rng.random() < 0.5)
+                else:
+                    client.end_session(sid)
+                    sid = client.start_session(profile)
+            except grpc.RpcError:
+                ok = 0
+            local.append((ts - t0, op, (time.perf_counter() - ts) * 1e3, ok))
+        with lock:
+            records.extend(local)
+
+    start.wait()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=player, args=(j,)) for j in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    out.put(records)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=5.0, help="operations per second per client")
+    ap.add_argument("--procs", type=int, default=4, help="client processes (clients are spread over them)")
+    ap.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/soak-cpu.json)")
+    args = ap.parse_args(argv)
+
+    from appliance.client import ApplianceClient
+    from appliance.config import default_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-soak-", dir="/tmp"))
+    cfg = default_config().with_overrides(run_dir=str(tmp / "run"), data_dir=str(tmp / "data"),
+                                          metrics={"ranker_port": 0})
+    cfg_path = tmp / "config.json"
+    cfg_path.write_text(cfg.model_dump_json())
+    log = open(tmp / "ranker.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "worker", "ranker", "--config-json", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
+                            env={**os.environ, "APPLIANCE_LOG_LEVEL": "WARNING"})
+    sock = cfg.path(cfg.serving.unix_socket)
+    seconds = args.minutes * 60
+    rss: list[tuple[float, float]] = []
+    try:
+        c = ApplianceClient(f"unix:{sock}")
+        c.wait_ready(60)
+        c.close()
+        server = psutil.Process(proc.pid)
+        db = sqlite3.connect(f"file:{cfg.path(cfg.store.db_path)}?mode=ro", uri=True)
+        ids = np.array([r[0] for r in db.execute("SELECT item_id FROM catalog")], dtype=np.int64)
+        db.close()
+        ctx = mp.get_context("spawn")
+        start, out = ctx.Event(), ctx.Queue()
+        per = [args.clients // args.procs + (1 if i < args.clients % args.procs else 0) for i in range(args.procs)]
+        ps = [ctx.Process(target=_client_proc, args=(sock, n, ids, seconds, args.rate, i, start, out), daemon=True)
+              for i, n in enumerate(per) if n]
+        for p in ps:
+            p.start()
+        time.sleep(3.0)
+        print(f"soak: {args.clients} clients x {args.rate}/s for {args.minutes:g} min ...", flush=True)
+        t0 = time.perf_counter()
+        start.set()
+        while time.perf_counter() - t0 < seconds:
+            rss.append((time.perf_counter() - t0, server.memory_info().rss / 2**20))
+            time.sleep(min(5.0, max(0.1, seconds - (time.perf_counter() - t0))))
+        records = [r for _ in ps for r in out.get(timeout=120)]
+        rss.append((time.perf_counter() - t0, server.memory_info().rss / 2**20))
+        for p in ps:
+            p.join(timeout=30)
+        alive = proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    server_log = (tmp / "ranker.log").read_text(errors="replace")[-3000:]
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    a = np.array(records, dtype=np.float64).reshape(-1, 4)
+    minutes = []
+    n_min = max(1, int(np.ceil(seconds / 60)))
+    for m in range(n_min):
+        sel = (a[:, 0] >= m * 60) & (a[:, 0] < (m + 1) * 60)
+        row: dict[str, Any] = {"minute": m + 1, "calls": int(sel.sum()), "errors": int((a[sel, 3] == 0).sum())}
+        for k, name in enumerate(OPS):
+            lat = a[sel & (a[:, 1] == k) & (a[:, 3] == 1), 2]
+            if lat.size:
+                row[name] = {"n": int(lat.size), "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                             "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+        minutes.append(row)
+    errors = int((a[:, 3] == 0).sum())
+    first, last = minutes[0].get("rank", {}), minutes[-1].get("rank", {})
+    drift = (last["p99_ms"] / first["p99_ms"] - 1) if first and last else None
+    rss_start = rss[1][1] if len(rss) > 1 else rss[0][1]  # 5 s in: the clients' sessions exist
+    warm = [r for t, r in rss if t >= 60.0]
+    rss_warm = warm[0] if warm and seconds > 120 else rss_start  # after the first minute (caches filled)
+    rss_end = rss[-1][1]
+    growth = rss_end / rss_start - 1
+    growth_warm = rss_end / rss_warm - 1
+    result = {"benchmark": "soak", "machine": machine(),
+              "config": {"clients": args.clients, "minutes": args.minutes, "rate_per_client": args.rate,
+                         "client_processes": len(per), "mix": "rank 60% (1000 candidates, k=20, new row 20%), "
+                         "events 30% (1-30), explain 5%, consent 3%, end+start session 2%"},
+              "calls": int(len(a)), "errors": errors, "server_alive": alive, "per_minute": minutes,
+              "rank_p99_drift": None if drift is None else round(drift, 3),
+              "rss_mb": {"start": round(rss_start, 1), "after_first_minute": round(rss_warm, 1),
+                         "end": round(rss_end, 1), "peak": round(max(r for _, r in rss), 1),
+                         "growth": round(growth, 3), "growth_after_first_minute": round(growth_warm, 3),
+                         "samples": [(round(t, 1), round(r, 1)) for t, r in rss]},
+              "passed": errors == 0 and alive and drift is not None and drift <= 0.2 and growth <= 0.05}
+    if errors:
+        result["server_log_tail"] = server_log
+    md = [f"# Soak: {args.clients} clients x {args.rate:g} ops/s for {args.minutes:g} min "
+          f"({result['machine']['host_cpu']}, {result['machine']['cores']} cores)", "",
+          f"Calls {len(a):,}, errors {errors}, Rank p99 drift first->last minute "
+          f"{'n/a' if drift is None else f'{drift:+.1%}'}, RSS {rss_start:.0f} -> {rss_end:.0f} MB "
+          f"({growth:+.1%}; {growth_warm:+.1%} after the first minute), passed: **{result['passed']}**.", "",
+          "| minute | calls | errors | Rank p50 | Rank p99 | events p50 | events p99 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m in minutes:
+        r, e = m.get("rank", {}), m.get("events", {})
+        md.append(f"| {m['minute']} | {m['calls']} | {m['errors']} | {r.get('p50_ms', '')} | {r.get('p99_ms', '')} | "
+                  f"{e.get('p50_ms', '')} | {e.get('p99_ms', '')} |")
+    md.append("")
+    path = write_results("soak-cpu", result, "\n".join(md), args.json)
+    series = {f"{op} p{q}": [(m["minute"], m[op][f"p{q}_ms"]) for m in minutes if op in m]
+              for op in ("rank", "events") for q in (50, 99)}
+    line_plot(path.with_suffix(".png"), f"Soak: {args.clients} clients, latency per minute", "minute", "ms", series)
+    line_plot(path.with_name(path.stem + "-rss.png"), "Soak: ranker RSS", "seconds", "MB",
+              {"RSS MB": [(t, r) for t, r in rss]})
+    print("\n".join(md))
+    print(f"wrote {path}, {path.with_suffix('.png')}")
+    print(json.dumps({"errors": errors, "rank_p99_drift": result["rank_p99_drift"], "rss_growth": round(growth, 3),
+                      "passed": result["passed"]}))
+    return 0 if result["passed"] else 1
