@@ -86,5 +86,46 @@ $(PEERS_STAMP): pyproject.toml
 	$(PEERS_VENV)/bin/python -c "from fer.fer import FER; FER()" >/dev/null
 	@touch $@
 
+# Ranking (issue 6): the offline SASRec training job and the evaluation against five baselines, same
+# split, same run. PyTorch (CPU wheel), implicit and scipy are the `train` and `eval` extras: never on the box.
+RANK_STAMP := $(VENV)/.installed-rank
+ML_SMALL ?= ../shared/datasets/movielens-small
+RANK_EVAL_JSON ?= build/eval-ranking.json
+
+$(RANK_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,eval,train]'
+	@touch $@
+
+.PHONY: eval-ranking train-ranker bench-rank-model
+eval-ranking: setup $(RANK_STAMP)
+	nice -n 10 $(VENV)/bin/appliance eval ranking --interactions $(ML_SMALL)/ratings.csv \
+	  --catalog $(ML_SMALL)/movies.csv --json $(RANK_EVAL_JSON)
+
+# Writes models/ranker (records the signal weights and test metrics of $(RANK_EVAL_JSON) when it exists).
+train-ranker: setup $(RANK_STAMP)
+	nice -n 10 $(PY) -m appliance.ranking.train_seq --ratings $(ML_SMALL)/ratings.csv \
+	  --movies $(ML_SMALL)/movies.csv --out models/ranker $(if $(wildcard $(RANK_EVAL_JSON)),--eval-json $(RANK_EVAL_JSON))
+
+bench-rank-model: setup
+	$(PY) -m bench rank-model --json bench/results/rank-model-cpu.json
+
+# Train our own emotion model (emotion_cnn48) on the FER2013 training split, export it to ONNX with a
+# torch-vs-ONNX Runtime parity check, and record it in models/manifest.json. Build time only: PyTorch
+# (CPU wheel, the `train` extra) lives in its own venv, .venv-train. ~20 min on 2 shared cores, under nice.
+TRAIN_VENV ?= .venv-train
+TRAIN_STAMP := $(TRAIN_VENV)/.installed
+EMOTION_DATA ?= ../shared/datasets/fer2013-train
+
+$(TRAIN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRAIN_VENV)/bin/python -m pip install -q -e '.[train,dev]'
+	@touch $@
+
+.PHONY: train-emotion
+train-emotion: $(TRAIN_STAMP)
+	nice -n 10 $(TRAIN_VENV)/bin/python -m appliance.models.train_emotion --data $(EMOTION_DATA) --out models/emotion
+	$(TRAIN_VENV)/bin/python -m pytest -q -m train tests/models
+
 clean:
 	rm -rf $(VENV) $(MODELS_VENV) $(PEERS_VENV) build appliance/v1/*_pb2*.py appliance/v1/*_pb2*.pyi $(STUBS)

@@ -160,11 +160,13 @@ def config_check(files: list[Path]) -> None:
 @eval_app.command("emotion")
 def eval_emotion(data_dir: Path = typer.Argument(..., help="labelled folder DIR/<class>/*.png|jpg (FER2013 names)"),
                  json_out: Path | None = typer.Option(None, "--json"),
-                 peer: bool = typer.Option(True, help="also run the `fer` package on the same images")) -> None:
+                 peer: bool = typer.Option(True, help="also run the `fer` package on the same images"),
+                 model: str | None = typer.Option(None, help="manifest entry taken as ours (default: the "
+                                                  "product's emotion model)")) -> None:
     """Top-1, macro-F1, per-class recall and confusion of our classifier and of the `fer` package."""
     from appliance.evaluation.emotion import run as run_eval
 
-    run_eval(data_dir, json_out, with_peer=peer)
+    run_eval(data_dir, json_out, with_peer=peer, model=model)
 
 
 @eval_app.command("ranking")

@@ -4,7 +4,8 @@ The ranker runs as its own process (`appliance worker ranker`). `--clients` play
 over `--procs` processes, one channel per process) each open a session and, at `--rate` operations per
 second (with jitter), do what a TV does: Rank the row it shows (re-rank on focus changes, sometimes a new
 row), send small event batches, now and then Explain, toggle consent, or end the session and start a new
-one. Reported per minute: calls, errors, p50/p99 per operation; and the ranker's RSS over the run.
+one. The box serves one household: the clients share its 8 profiles. Reported per minute: calls, errors,
+p50/p99 per operation; and the ranker's RSS over the run.
 
 Pass criteria (issue 7): 0 errors, Rank p99 of the last minute within 20% of the first, RSS growth <= 5%.
 """
@@ -34,6 +35,7 @@ from bench.rank import line_plot
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("rank", "events", "explain", "consent", "session")
+HOUSEHOLD = 8  # profiles on the box (one household); the clients are its players and share them
 
 
 def _client_proc(sock: str, n_threads: int, ids: np.ndarray, seconds: float, rate: float, seed: int,
@@ -55,7 +57,7 @@ def _client_proc(sock: str, n_threads: int, ids: np.ndarray, seconds: float, rat
 
     def player(j: int) -> None:
         rng = random.Random(seed * 1000 + j)
-        profile = f"soak-{seed}-{j}"
+        profile = f"soak-{(seed * n_threads + j) % HOUSEHOLD}"  # one household: its few profiles, many players
         sid = client.start_session(profile)
         row = rng.sample(ids_l, 1000)
         local: list[tuple[float, int, float, int]] = []

@@ -169,7 +169,7 @@ def batch_sweep(video: Path, size: tuple[int, int], threads: int, sizes: tuple[i
             continue
         dets = pipe.detector.detect(img)
         if dets:
-            c = crop_faces(img, dets)
+            c = crop_faces(img, dets, pipe.classifier.size)
             crops = c if crops is None else np.concatenate([crops, c])
     if crops is None:
         return []

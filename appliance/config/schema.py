@@ -54,6 +54,8 @@ class VisionConfig(StrictModel):
     min_face_score: float = Field(0.5, gt=0, lt=1)
     max_faces: int = Field(8, ge=1, le=64)
     smoothing: float = Field(0.3, gt=0, le=1, description="EMA weight of the newest frame's affect")
+    emotion_model: Literal["emotion_cnn48", "fer_mini_xception"] = Field(
+        "emotion_cnn48", description="manifest entry of the emotion classifier")
 
 
 class BusConfig(StrictModel):

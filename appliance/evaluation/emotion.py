@@ -12,6 +12,10 @@ method, test-time horizontal-flip averaging, fer's 10 px grey band) and, through
 how the product's crop of a detected face compares with the image's own framing. The product keeps
 the preprocessing these measurements favour (see `PRODUCT_PREPROCESSING`).
 
+"ours" is the product's classifier (`appliance.vision.emotion.DEFAULT_EMOTION_MODEL`, or `--model`);
+every other emotion model in the manifest is scored on the same images in the same run under
+`ours_alternatives`, so a switch of the product's model is backed by one run.
+
 The `fer` peer runs in its own virtual environment (`make peers`) through `appliance.evaluation.fer_peer`;
 without it the peer is reported as skipped (`peers.fer` is null), never estimated.
 """
@@ -32,14 +36,21 @@ import numpy as np
 from appliance.evaluation.fer_peer import FerPeer
 from appliance.models.manifest import DEFAULT_MODELS_DIR, load_manifest, model_path, verify_models
 from appliance.vision.detector import BlazeFaceDetector, Detection
-from appliance.vision.emotion import FACE_SIZE, LABELS, EmotionClassifier, crop_faces, normalise, prepare_gray
+from appliance.vision.emotion import (
+    DEFAULT_EMOTION_MODEL,
+    LABELS,
+    EmotionClassifier,
+    crop_faces,
+    normalise,
+    prepare_gray,
+)
 from appliance.vision.runtime import create_session
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 IN_TRAIN = "IN_TRAIN.txt"
-EMOTION_MODEL = "fer_mini_xception"
+EMOTION_MODEL = DEFAULT_EMOTION_MODEL
 DETECTOR_MODEL = "blazeface_short_range"
-PRODUCT_PREPROCESSING = "bilinear resize to 64x64, no flip averaging"
+PRODUCT_PREPROCESSING = "bilinear resize to the model's input side, no flip averaging"
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA, "bicubic": cv2.INTER_CUBIC,
                   "lanczos": cv2.INTER_LANCZOS4, "nearest": cv2.INTER_NEAREST}
 # Scales at which FER images are placed in a larger frame for the detector path (48 px -> 72..192 px faces).
@@ -135,8 +146,8 @@ def report(y: np.ndarray, pred: np.ndarray, clean: np.ndarray | None) -> dict[st
 
 
 # -- our classifier -----------------------------------------------------------------------------------
-def _classifier(models_dir: Path, threads: int = 1) -> EmotionClassifier:
-    return EmotionClassifier(create_session(model_path(models_dir, EMOTION_MODEL), ("cpu",), threads))
+def _classifier(models_dir: Path, name: str = EMOTION_MODEL, threads: int = 1) -> EmotionClassifier:
+    return EmotionClassifier(create_session(model_path(models_dir, name), ("cpu",), threads))
 
 
 def _grey_band(images: list[np.ndarray], band: int) -> list[np.ndarray]:
@@ -154,7 +165,7 @@ def preprocessing_sweep(clf: EmotionClassifier, data: Dataset) -> list[dict[str,
     for band in (0, 10):
         images = data.images if band == 0 else _grey_band(data.images, band)
         for name, interp in INTERPOLATIONS.items():
-            x = prepare_gray(images, interpolation=interp)
+            x = prepare_gray(images, size=clf.size, interpolation=interp)
             p = clf.classify(x)
             p_flip = clf.classify(np.ascontiguousarray(x[:, :, ::-1]))
             for flip, probs in ((False, p), (True, (p + p_flip) / 2.0)):
@@ -169,7 +180,7 @@ def preprocessing_sweep(clf: EmotionClassifier, data: Dataset) -> list[dict[str,
     return rows
 
 
-def _relative_crop(frame_bgr: np.ndarray, det: Detection, margin: float) -> np.ndarray:
+def _relative_crop(frame_bgr: np.ndarray, det: Detection, margin: float, size: int) -> np.ndarray:
     """A square crop around the detection grown by `margin` of its side on each side (scale-free)."""
     x1, y1, x2, y2 = det.box
     side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
@@ -178,7 +189,7 @@ def _relative_crop(frame_bgr: np.ndarray, det: Detection, margin: float) -> np.n
     ax1, ay1 = int(round(cx - side / 2)), int(round(cy - side / 2))
     ax2, ay2 = int(round(cx + side / 2)), int(round(cy + side / 2))
     gray = cv2.cvtColor(frame_bgr[max(0, ay1):min(h, ay2), max(0, ax1):min(w, ax2)], cv2.COLOR_BGR2GRAY)
-    return normalise(cv2.resize(gray, (FACE_SIZE, FACE_SIZE))[None])[0]
+    return normalise(cv2.resize(gray, (size, size))[None])[0]
 
 
 def detector_path(clf: EmotionClassifier, det: BlazeFaceDetector, data: Dataset) -> list[dict[str, Any]]:
@@ -205,32 +216,60 @@ def detector_path(clf: EmotionClassifier, det: BlazeFaceDetector, data: Dataset)
             rows.append({"face_px": side, "detected": 0})
             continue
         y = data.labels[idx]
-        fer_crop = np.concatenate([crop_faces(f, [d]) for f, d in zip(frames, dets)])
+        fer_crop = np.concatenate([crop_faces(f, [d], clf.size) for f, d in zip(frames, dets)])
         row: dict[str, Any] = {"face_px": side, "detected": len(idx), "of": len(data.images),
                                "product_crop_fer_style": _r((clf.classify(fer_crop).argmax(1) == y).mean())}
         for margin in (0.0, 0.0625, 0.1, 0.15):
-            crops = np.stack([_relative_crop(f, d, margin) for f, d in zip(frames, dets)])
+            crops = np.stack([_relative_crop(f, d, margin, clf.size) for f, d in zip(frames, dets)])
             row[f"relative_margin_{margin:g}"] = _r((clf.classify(crops).argmax(1) == y).mean())
-        own = prepare_gray([data.images[i] for i in idx])
+        own = prepare_gray([data.images[i] for i in idx], size=clf.size)
         row["image_own_framing"] = _r((clf.classify(own).argmax(1) == y).mean())
         rows.append(row)
     return rows
 
 
-def evaluate_ours(data: Dataset, models_dir: Path) -> dict[str, Any]:
-    clf = _classifier(models_dir)
-    x = prepare_gray(data.images)
+def _batch8_ms(clf: EmotionClassifier, data: Dataset, repeats: int = 200) -> dict[str, float]:
+    """ONNX Runtime CPU, 1 thread: one call on a batch of 8 faces (the edge budget), p50 and p90."""
+    x = prepare_gray(data.images[:8], size=clf.size)
+    x = np.resize(x, (8, *x.shape[1:])) if len(x) < 8 else x
+    for _ in range(20):
+        clf.classify(x)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        clf.classify(x)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {"p50": _r(np.percentile(ts, 50)), "p90": _r(np.percentile(ts, 90))}
+
+
+def score_model(data: Dataset, models_dir: Path, name: str) -> tuple[EmotionClassifier, dict[str, Any]]:
+    """One manifest model on the images with the product's preprocessing: scores, tag, size, latency."""
+    clf = _classifier(models_dir, name)
+    x = prepare_gray(data.images, size=clf.size)
     t0 = time.perf_counter()
     probs = clf.classify(x)
     ms = (time.perf_counter() - t0) * 1e3 / len(data.images)
     out = report(data.labels, probs.argmax(axis=1), data.clean)
-    manifest = load_manifest(models_dir)
-    out.update({"model": manifest.entry(EMOTION_MODEL).tag, "runtime": "onnxruntime CPU, 1 thread",
-                "preprocessing": PRODUCT_PREPROCESSING, "ms_per_image_batched": _r(ms)})
+    entry = load_manifest(models_dir).entry(name)
+    out.update({"model": entry.tag, "input_side": clf.size, "onnx_bytes": entry.output.bytes,
+                "runtime": "onnxruntime CPU, 1 thread", "preprocessing": PRODUCT_PREPROCESSING,
+                "ms_per_image_batched": _r(ms), "ms_batch8_1thread": _batch8_ms(clf, data)})
+    return clf, out
+
+
+def evaluate_ours(data: Dataset, models_dir: Path, name: str = EMOTION_MODEL) -> dict[str, Any]:
+    clf, out = score_model(data, models_dir, name)
     out["preprocessing_sweep"] = preprocessing_sweep(clf, data)
     det = BlazeFaceDetector(create_session(model_path(models_dir, DETECTOR_MODEL), ("cpu",), 1))
     out["detector_path"] = detector_path(clf, det, data)
     return out
+
+
+def evaluate_alternatives(data: Dataset, models_dir: Path, product: str) -> dict[str, Any]:
+    """Every other emotion model of the manifest, same images, same preprocessing, same run."""
+    manifest = load_manifest(models_dir)
+    return {name: score_model(data, models_dir, name)[1]
+            for name, e in sorted(manifest.models.items()) if e.task == "emotion" and name != product}
 
 
 # -- the fer peer -------------------------------------------------------------------------------------
@@ -278,17 +317,23 @@ def _machine() -> dict[str, Any]:
 
 # -- command ------------------------------------------------------------------------------------------
 def run(data_dir: Path, json_out: Path | None = None, with_peer: bool = True,
-        models_dir: Path = DEFAULT_MODELS_DIR) -> dict[str, Any]:
-    """Evaluate ours (and fer unless with_peer is False) on DIR; print a summary; write JSON + Markdown."""
+        models_dir: Path = DEFAULT_MODELS_DIR, model: str | None = None) -> dict[str, Any]:
+    """Evaluate ours (and fer unless with_peer is False) on DIR; print a summary; write JSON + Markdown.
+
+    `model` names the manifest entry taken as "ours" (default: the product's, DEFAULT_EMOTION_MODEL).
+    """
     verify_models(models_dir)
+    model = model or EMOTION_MODEL
     data = load_dataset(Path(data_dir))
     result: dict[str, Any] = {
         "dataset": {"dir": str(Path(data_dir)), "n": len(data.paths),
+                    "image_sides": sorted({int(max(img.shape[:2])) for img in data.images}),
                     "per_class": {lb: int((data.labels == i).sum()) for i, lb in enumerate(LABELS)},
                     "clean_n": int(data.clean.sum()) if data.clean is not None else None,
                     "clean_rule": f"images not listed in {IN_TRAIN}" if data.clean is not None else None},
         "machine": _machine(),
-        "ours": evaluate_ours(data, models_dir),
+        "ours": evaluate_ours(data, models_dir, model),
+        "ours_alternatives": evaluate_alternatives(data, models_dir, model),
     }
     fer, why = evaluate_fer(data) if with_peer else (None, "not asked for (--no-peer)")
     result["peers"] = {"fer": fer}
@@ -334,12 +379,19 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{_fmt(c.get('accuracy'))} | {_fmt(c.get('macro_f1'))} | {_fmt(c.get('n'))} |")
 
     lines.append(row(f"ours ({ours['model']}, ONNX Runtime)", ours))
+    for alt in r.get("ours_alternatives", {}).values():
+        lines.append(row(f"our alternative ({alt['model']}, ONNX Runtime)", alt))
+    speed = [f"{m['model'].split('@')[0]} {m['ms_batch8_1thread']['p50']:.2f} ms ({m['input_side']} px input, "
+             f"{m['onnx_bytes'] / 1e6:.2f} MB)" for m in [ours, *r.get("ours_alternatives", {}).values()]
+             if "ms_batch8_1thread" in m]
     if fer is not None:
         lines.append(row("fer 25.10.3 (quantised TFLite)", fer))
         ratio = r["ratio_ours_over_fer"]
         lines += ["", "Ratio ours / fer: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ratio.items()) + "."]
     else:
         lines += ["", f"**fer peer skipped:** {r['peers_skipped']['fer']}"]
+    if speed:
+        lines += ["", "ONNX Runtime CPU, 1 thread, one call for 8 faces (p50): " + "; ".join(speed) + "."]
     lines += ["", "## Per-class recall (95% Wilson interval), all images", "",
               "| class | n | ours | " + ("fer |" if fer else ""), "| --- | ---: | --- | " + ("--- |" if fer else "")]
     for label in LABELS:
@@ -357,7 +409,13 @@ def markdown(r: dict[str, Any]) -> str:
                   "| | " + " | ".join(LABELS) + " |", "| --- |" + " ---: |" * len(LABELS)]
         for label, counts in zip(LABELS, s["confusion"]):
             lines.append(f"| {label} | " + " | ".join(str(c) for c in counts) + " |")
-    lines += ["", f"## Our preprocessing of the crop (product: {ours['preprocessing']})", "",
+    side = ours.get("input_side")
+    same = side is not None and all(n == side for n in r["dataset"].get("image_sides", []))
+    lines += ["", f"## Our preprocessing of the crop (product: {ours['preprocessing']})", ""]
+    if same:
+        lines += [f"The images already are {side}x{side} px, the model's input side: no resize happens, so the "
+                  "resize methods below agree; flip averaging and the grey band still apply.", ""]
+    lines += [
               "| resize | flip average | grey band px | accuracy | macro-F1 | clean accuracy |",
               "| --- | --- | ---: | --- | --- | --- |"]
     for s in ours["preprocessing_sweep"]:

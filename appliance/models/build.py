@@ -438,5 +438,14 @@ def build(out_dir: Path, cache: Path) -> Path:
         },
     }
     path = out_dir / MANIFEST_NAME
+    # Models trained by our own recipes (`make train-emotion`) are not rebuilt here: keep their entries.
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")).get("models", {})
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        for name, entry in old.items():
+            if name not in manifest["models"] and entry.get("source", {}).get("package") == "own-recipe":
+                manifest["models"][name] = entry
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

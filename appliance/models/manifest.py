@@ -42,6 +42,28 @@ class SourceInfo(_Strict):
     license: str
 
 
+class TrainedSource(_Strict):
+    """Where the weights came from: our own training recipe, run on a named data set.
+
+    `path`/`sha256` name the PyTorch checkpoint the ONNX file was exported from (the "original weights"
+    of the torch-vs-ONNX parity check), kept beside the ONNX file.
+    """
+
+    package: Literal["own-recipe"]
+    recipe: str = Field(description="path of the training script in this repository")
+    recipe_version: str
+    commit: str = Field(description="git commit the recipe ran at (+uncommitted-recipe if it was edited)")
+    seed: int
+    dataset: str
+    dataset_labels_sha256: str = Field(description="sha256 of the data set's labels.csv")
+    path: str = Field(description="checkpoint, relative to the models directory")
+    sha256: str
+    license: str
+    trained_at: str
+    val_accuracy: float = Field(description="on the held-out part of the training split")
+    val_balanced_accuracy: float
+
+
 class OutputInfo(_Strict):
     path: str = Field(description="relative to the models directory")
     sha256: str
@@ -62,7 +84,7 @@ class ModelEntry(_Strict):
     name: str
     version: str
     task: Literal["face_detection", "emotion"]
-    source: SourceInfo
+    source: SourceInfo | TrainedSource
     output: OutputInfo
     opset: int
     inputs: list[TensorSpec]

@@ -9,6 +9,12 @@ Layout (written by `appliance.ranking.train`):
     popularity.npy       float32 [n, 2]  log1p(interactions), log1p(recency-weighted interactions)
     content_weights.npy  float32 [F, d]  ridge map content features -> embedding (titles the bundle lacks)
     ATTRIBUTION.md       data licence terms
+    sequence.onnx        (format 2, optional) SASRec encoder: recent titles -> query vector (ONNX Runtime)
+    sequence_items.npy   (format 2, optional) float32 [n, d] its item table; zero row = unseen in training
+    transition.npz       (format 2, optional) "watched next" chain P(j | i) as CSR arrays indptr/indices/data
+                         over bundle rows (first-order, from consecutive titles of the training histories)
+
+Format 1 bundles (no sequence model) still load; the ranker's sequence signal is then 0.
 
 Content features come from the catalog alone (genres, year), so a title added to the box's catalog
 after training still gets an embedding: `content_factors(catalog) @ content_weights`.
@@ -31,7 +37,9 @@ from appliance.ranking.catalog import GENRES, Catalog, CatalogRow, parse_catalog
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("catalog.csv", "item_ids.npy", "item_factors.npy", "popularity.npy",
                   "content_weights.npy", "ATTRIBUTION.md")
-FORMAT = 1
+FORMAT = 2                      # 2 adds the optional sequence model; format 1 bundles still load
+SEQUENCE_FILES = ("sequence.onnx", "sequence_items.npy")
+TRANSITION_FILE = "transition.npz"
 
 DECADES = tuple(range(1920, 2030, 10))  # bucket 0 = before 1920; then one per decade up to the 2010s+
 CONTENT_FEATURES = "genres19+no_genre+decade12+year_unknown+year_z+bias"
@@ -73,6 +81,9 @@ class RankerBundle:
     content_weights: np.ndarray
     catalog_rows: list[CatalogRow]
     params: dict[str, Any] = field(default_factory=dict)
+    sequence: Any = None             # appliance.ranking.sequence.SequenceModel, or None (format 1)
+    sequence_meta: dict[str, Any] = field(default_factory=dict)
+    transition: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CSR indptr, indices, data
 
     @property
     def dim(self) -> int:
@@ -98,9 +109,13 @@ class RankerBundle:
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict):
             raise ModelError(f"ranker bundle {d}: {MANIFEST} has no 'files' table")
-        if manifest.get("format") != FORMAT:
-            raise ModelError(f"ranker bundle {d}: format {manifest.get('format')!r} is not {FORMAT}")
-        for name in REQUIRED_FILES:
+        if manifest.get("format") not in (1, FORMAT):
+            raise ModelError(f"ranker bundle {d}: format {manifest.get('format')!r} is not 1 or {FORMAT}")
+        seq_meta = manifest.get("sequence") if manifest.get("format") == FORMAT else None
+        if seq_meta is not None and not isinstance(seq_meta, dict):
+            raise ModelError(f"ranker bundle {d}: 'sequence' must be a table")
+        trans_meta = manifest.get("transition") if manifest.get("format") == FORMAT else None
+        for name in REQUIRED_FILES + (SEQUENCE_FILES if seq_meta else ()) + ((TRANSITION_FILE,) if trans_meta else ()):
             if name not in files:
                 raise ModelError(f"ranker bundle {d}: {name} is not listed in {MANIFEST}")
         for name, meta in files.items():
@@ -138,6 +153,35 @@ class RankerBundle:
         version = str(manifest.get("version") or "")
         if not version:
             raise ModelError(f"ranker bundle {d}: {MANIFEST} has no version")
+        sequence = None
+        if seq_meta:
+            from appliance.ranking.sequence import SequenceModel
+
+            try:
+                table = np.load(d / "sequence_items.npy", allow_pickle=False).astype(np.float32)
+                max_len = int(seq_meta["params"]["max_len"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ModelError(f"ranker bundle {d}: sequence model unreadable: {exc}") from None
+            if table.ndim != 2 or table.shape[0] != n or not np.isfinite(table).all():
+                raise ModelError(f"ranker bundle {d}: sequence_items.npy shape {table.shape} != ({n}, d) "
+                                 "or holds NaN/inf")
+            sequence = SequenceModel(d / "sequence.onnx", table, max_len)
+        transition = None
+        if trans_meta:
+            try:
+                with np.load(d / TRANSITION_FILE, allow_pickle=False) as z:
+                    indptr = z["indptr"].astype(np.int64)
+                    indices = z["indices"].astype(np.int64)
+                    data = z["data"].astype(np.float32)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"ranker bundle {d}: {TRANSITION_FILE} unreadable: {exc}") from None
+            if (indptr.shape != (n + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+                    or indptr[-1] != len(indices) or len(data) != len(indices)
+                    or (len(indices) and (indices.min() < 0 or indices.max() >= n))
+                    or not np.isfinite(data).all()):
+                raise ModelError(f"ranker bundle {d}: {TRANSITION_FILE} is not a valid ({n} x {n}) CSR matrix")
+            transition = (indptr, indices, data)
         return cls(path=d, manifest=manifest, version=version, item_ids=ids, item_factors=factors,
                    popularity=pop, content_weights=cw, catalog_rows=rows,
-                   params=dict(manifest.get("ranker") or {}))
+                   params=dict(manifest.get("ranker") or {}), sequence=sequence,
+                   sequence_meta=dict(seq_meta or {}), transition=transition)

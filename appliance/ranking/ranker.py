@@ -1,7 +1,16 @@
-"""In-process ranker: six additive, vectorised signals per candidate, policy gates, MMR, reasons.
+"""In-process ranker: seven additive, vectorised signals per candidate, policy gates, MMR, reasons.
 
-score(item) = collaborative + session + content + popularity + context + affect, each recorded in the
-item's `contributions` so the reasons are the real reasons:
+score(item) = sequence + collaborative + session + content + popularity + context + affect, each recorded
+in the item's `contributions` so the reasons are the real reasons:
+
+- sequence       w_q * z-score over the candidates the model knows of <q, e_item>: q is the SASRec
+                 encoder's query (ONNX Runtime, appliance/ranking/sequence.py) for the household's recent
+                 positive titles, newest last; 0 for titles the model never saw and for bundles without a
+                 sequence model. Reason: "Because you just watched X", X the recent title (of the last
+                 three) whose sequence embedding is closest to the item.
+- next           w_n * z-score over the candidates of sum_k h_k P(item | r_k): the bundle's first-order
+                 "watched next" chain over the newest `next_n` positive titles r_1 (newest) .. r_n, with
+                 h_k = 1/k. Reason: "Viewers often watch this after X", X the r_k contributing most.
 
 - collaborative  w_cf * <f_item, t>: t is the unit "taste" vector, the recency-weighted sum of the
                  embeddings of the profile's and session's positive titles (half-life in positions).
@@ -48,12 +57,18 @@ if TYPE_CHECKING:
     from appliance.fusion.state import AffectState, ProfileState, SessionState
 
 MMR_POOL = 100
+_SEQ, _NEXT, _CF, _SESSION, _CONTENT, _POP, _CTX, _AFFECT = (SIGNALS.index(n) for n in (
+    "sequence", "next", "collaborative", "session", "content", "popularity", "context", "affect"))
+SEQ_REASON_RECENT = 3  # "Because you just watched X": X among the newest this many titles
 
 
 @dataclass(frozen=True)
 class SignalWeights:
     """Weights of the behaviour signals (affect's comes from config). Defaults may be overridden by
     the bundle manifest's "ranker" table, which the training job tunes on a validation split."""
+    sequence: float = 1.0
+    next: float = 0.0
+    next_n: float = 10.0              # newest positives the "watched next" chain looks at
     collaborative: float = 1.0
     session: float = 1.0
     content: float = 0.5
@@ -119,6 +134,7 @@ class RankResult:
 
 @dataclass
 class _StateView:
+    history: list[int]          # positive titles, oldest first (profile, then session-only ones)
     excluded: set[int]
     disliked: set[int]
     profile_pos: list
@@ -130,6 +146,18 @@ class _StateView:
 def _z(x: np.ndarray) -> np.ndarray:
     sd = float(x.std())
     return ((x - x.mean()) / sd if sd > 0 else np.zeros_like(x)).astype(np.float32)
+
+
+def _zscore(x: np.ndarray, mask: np.ndarray | None, weight: float, out: np.ndarray) -> None:
+    """out = weight * (x - mean) / std over x (over x[mask] when given; 0 outside the mask)."""
+    v = x[mask] if mask is not None else x
+    mu, sd = float(v.mean()), float(v.std())
+    if sd <= 0:
+        out[:] = 0.0
+        return
+    np.multiply(x - mu, weight / sd, out=out)
+    if mask is not None:
+        out[~mask] = 0.0
 
 
 def _table_vec(table: Mapping[str, float], catalog: Catalog) -> np.ndarray:
@@ -169,8 +197,22 @@ class Ranker:
         gn = np.linalg.norm(catalog.genres, axis=1, keepdims=True)
         self.Gl = (catalog.genres / np.maximum(gn, 1e-9)).astype(np.float32)
         self.has_genre = catalog.genres > 0
+        # MMR similarity = mean of the embedding cosine and the genre cosine = <M_i, M_j>.
+        self._M = (np.hstack([self.Fn, self.Gl]) / np.sqrt(2.0)).astype(np.float32)
         self._allowed = {m: catalog.maturity <= m for m in range(1, 6)}
         self._all_rows = np.arange(n, dtype=np.int64)
+        self.seq = bundle.sequence
+        self._brow = np.where(known, brow, -1)            # catalog row -> bundle row (-1: not in bundle)
+        if self.seq is not None:
+            sk = known & self.seq.known[brow]
+            self.seq_known = sk
+            self.S = np.where(sk[:, None], self.seq.table[brow], 0.0).astype(np.float32)
+        else:
+            self.seq_known = np.zeros(n, dtype=bool)
+            self.S = np.zeros((n, 1), dtype=np.float32)
+        self._b2c = np.full(len(bundle.item_ids), -1, dtype=np.int64)  # bundle row -> catalog row
+        self._b2c[brow[known]] = np.flatnonzero(known)
+        self.trans = self._transition_in_catalog_rows(bundle.transition, brow, known)
         mt = MOOD_GENRE_TABLE if mood_table is None else mood_table
         self._mood_vecs = {m: _table_vec(t, catalog) for m, t in mt.items()}
         ct = CONTEXT_GENRE_TABLE if context_table is None else context_table
@@ -196,7 +238,12 @@ class Ranker:
     def _read_state(self, profile: ProfileState, session: SessionState) -> _StateView:
         """Copy, under the states' locks, what this request needs (events may arrive meanwhile)."""
         with profile.lock, session.lock:
+            hist = list(profile.positives)
+            if session.positives:
+                seen = profile.positives
+                hist += [i for i in session.positives if i not in seen]
             return _StateView(
+                history=hist,
                 excluded=profile.completed | profile.disliked | session.skipped | session.disliked
                 | session.completed,
                 disliked=profile.disliked | session.disliked,
@@ -207,38 +254,50 @@ class Ranker:
             )
 
     def _positives(self, st: _StateView) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
-        """Catalog rows and weights of positive titles, newest counted most."""
+        """Catalog rows and weights of positive titles, newest counted most (vectorised: a Rank right
+        after an event cannot reuse anything, so this runs on every call)."""
         h = max(self.w.recency_half_life, 1e-6)
-        merged: dict[int, tuple[float, str]] = {}
+        ids_l, w_l, kinds = [], [], {}
         for src, boost in ((st.profile_pos, 1.0), (st.session_pos, self.w.session_boost)):
-            for age, (item, p) in enumerate(reversed(src)):
-                w = boost * p.weight * 0.5 ** (age / h)
-                cur = merged.get(item)
-                merged[item] = (cur[0] + w, cur[1]) if cur else (w, p.kind)
-        rows, ws, items, kinds = [], [], [], []
-        for item, (w, kind) in merged.items():
-            r = self.catalog.row_of(item)
-            if r is None or item in st.disliked or w <= 0:
+            m = len(src)
+            if not m:
                 continue
-            rows.append(r)
-            ws.append(w)
-            items.append(item)
-            kinds.append(kind)
-        return np.asarray(rows, dtype=np.int64), np.asarray(ws, dtype=np.float32), items, kinds
+            ids_l.append(np.fromiter((i for i, _ in src), dtype=np.int64, count=m))
+            pw = np.fromiter((p.weight for _, p in src), dtype=np.float64, count=m)
+            w_l.append(boost * pw * 0.5 ** (np.arange(m - 1, -1, -1) / h))
+            for i, p in src:
+                kinds.setdefault(i, p.kind)
+        if not ids_l:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), [], []
+        ids = np.concatenate(ids_l)
+        ws = np.concatenate(w_l)
+        if len(ids_l) > 1:
+            ids, inv = np.unique(ids, return_inverse=True)
+            ws = np.bincount(inv, weights=ws, minlength=len(ids))
+        rows, known = self.catalog.index_of(ids)
+        keep = known & (ws > 0)
+        if st.disliked:
+            keep &= ~np.isin(ids, np.fromiter(st.disliked, dtype=np.int64, count=len(st.disliked)))
+        items = ids[keep].tolist()
+        return rows[keep], ws[keep].astype(np.float32), items, [kinds[i] for i in items]
 
     def _candidate_rows(self, excl: set[int], max_maturity: int, candidate_ids: np.ndarray | None
                         ) -> tuple[np.ndarray, list[int]]:
-        keep = self._allowed[max_maturity].copy()
+        keep = self._allowed[max_maturity]
         if excl:
+            keep = keep.copy()
             r, kn = self.catalog.index_of(np.fromiter(excl, dtype=np.int64, count=len(excl)))
             keep[r[kn]] = False
         if candidate_ids is None or len(candidate_ids) == 0:
             return np.flatnonzero(keep), []
         ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
+        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            ids = np.unique(ids)  # the server sends them sorted and unique already: then no copy
         r, kn = self.catalog.index_of(ids)
-        unknown = np.unique(ids[~kn]).tolist() if not kn.all() else []
-        r = np.unique(r[kn])
-        return r[keep[r]], unknown
+        if kn.all():
+            return r[keep[r]], []
+        r = r[kn]
+        return r[keep[r]], ids[~kn].tolist()
 
     def _mmr(self, rows: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
         """Indices into `rows`, in the order to show: MMR over the best MMR_POOL, then by score."""
@@ -253,17 +312,20 @@ class Ranker:
             s = score[pool]
             rel = (s - s.min()) / max(float(s.max() - s.min()), 1e-9)
             pr = rows[pool]
-            sim = 0.5 * (self.Fn[pr] @ self.Fn[pr].T) + 0.5 * (self.Gl[pr] @ self.Gl[pr].T)
+            Mp = self._M[pr]
             lam = self.diversity
+            base = ((1 - lam) * rel).astype(np.float32)
             maxsim = np.zeros(pool_n, dtype=np.float32)
-            avail = np.ones(pool_n, dtype=bool)
+            val = np.empty(pool_n, dtype=np.float32)
             picked = []
             for _ in range(min(want, pool_n)):
-                mmr = np.where(avail, (1 - lam) * rel - lam * maxsim, -np.inf)
-                j = int(np.argmax(mmr))
+                np.multiply(maxsim, -lam, out=val)
+                val += base
+                if picked:
+                    val[picked] = -np.inf
+                j = int(np.argmax(val))
                 picked.append(j)
-                avail[j] = False
-                np.maximum(maxsim, sim[j], out=maxsim)
+                np.maximum(maxsim, Mp @ Mp[j], out=maxsim)  # similarity to the newly picked item only
             head = pool[picked]
         if want <= len(head):
             return head[:want]
@@ -293,72 +355,181 @@ class Ranker:
         w = self.w
         G = self.Gs[rows]
         terms = np.zeros((len(SIGNALS), len(rows)), dtype=np.float32)
+        seq_recent = self._sequence_term(st.history, rows, terms[_SEQ]) if w.sequence else None
+        nxt = self._next_term(st.history, rows, terms[_NEXT]) if w.next else None
         prow, pw, pitems, pkinds = self._positives(st)
         if len(prow):
             taste = pw @ self.F[prow]
             tn = float(np.linalg.norm(taste))
-            if tn > 0:
-                terms[0] = w.collaborative * (self.F[rows] @ (taste / tn))
+            if tn > 0 and w.collaborative:
+                terms[_CF] = (w.collaborative / tn) * (self.F[rows] @ taste)
         s_aff = st.session_aff
         s_hat = s_aff / (float(np.abs(s_aff).sum()) + 1.0)
         p_aff = st.profile_aff
         p_hat = p_aff / (float(np.abs(p_aff).sum()) + 5.0)
-        terms[1] = w.session * (G @ s_hat)
-        terms[2] = w.content * (G @ p_hat)
+        gp = G @ np.stack([s_hat, p_hat], axis=1)
+        terms[_SESSION] = w.session * gp[:, 0]
+        terms[_CONTENT] = w.content * gp[:, 1]
         cold = max(0.0, 1.0 - len(prow) / max(w.cold_full_positives, 1e-9))
-        terms[3] = (w.popularity + w.popularity_cold * cold) * self.pop_z[rows]
+        wpop = w.popularity + w.popularity_cold * cold
+        if wpop:
+            terms[_POP] = wpop * self.pop_z[rows]
         ctx_keys = [key for key in active_context_keys(context.device, context.local_hour, context.weekday)
                     if key in self._ctx_vecs]
         if ctx_keys:
-            terms[4] = w.context * (G @ sum(self._ctx_vecs[key] for key in ctx_keys))
+            terms[_CTX] = w.context * (G @ sum(self._ctx_vecs[key] for key in ctx_keys))
         if use_affect:
             strength = (self.affect_weight * max(0.0, 1.0 - age / self.affect_stale_s)
                         * mood_intensity(affect.valence, affect.arousal, affect.engagement))
             mvec = self._mood_vecs.get(mood)
             if strength > 0 and mvec is not None:
-                terms[5] = strength * (G @ mvec)
+                terms[_AFFECT] = strength * (G @ mvec)
         score = terms.sum(axis=0)
 
         order = self._mmr(rows, score, int(k))
         items = self._explain(rows, order, terms, score, prow, pw, pitems, pkinds, s_hat, p_hat,
-                              ctx_keys, mood)
+                              ctx_keys, mood, seq_recent, st, nxt)
         return RankResult(items, use_affect, age, mood, self.model_version, unknown, len(rows),
                           (time.perf_counter() - t0) * 1e3)
 
+    def _sequence_term(self, history: list[int], rows: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Fill `out` (per candidate) with the sequence term; return the catalog rows of the newest
+        titles the reason may name (None when the term is 0 for every candidate)."""
+        if self.seq is None or not history:
+            return None
+        hrows, hk = self.catalog.index_of(np.fromiter(history, dtype=np.int64, count=len(history)))
+        hrows = hrows[hk]
+        hrows = hrows[self.seq_known[hrows]]
+        if not len(hrows):
+            return None
+        q = self.seq.encode(self._brow[hrows])
+        known = self.seq_known[rows]
+        logit = self.S[rows] @ q
+        nk = int(known.sum())
+        if nk == 0:
+            return None
+        _zscore(logit, known if nk != len(rows) else None, self.w.sequence, out)
+        return hrows[-SEQ_REASON_RECENT:]
+
+    def _transition_in_catalog_rows(self, trans, brow: np.ndarray, known: np.ndarray):
+        """The bundle's CSR chain re-indexed by catalog rows (titles outside the catalog dropped), with
+        each row's columns sorted, so a Rank touches only the rows of the recent titles."""
+        if trans is None:
+            return None
+        indptr, indices, data = trans
+        n = len(self.catalog)
+        lens = np.zeros(n, dtype=np.int64)
+        cols_l, vals_l = [], []
+        for c in np.flatnonzero(known).tolist():
+            b = int(brow[c])
+            cc = self._b2c[indices[indptr[b]:indptr[b + 1]]]
+            ok = cc >= 0
+            cc, vv = cc[ok], data[indptr[b]:indptr[b + 1]][ok]
+            o = np.argsort(cc)
+            cols_l.append(cc[o])
+            vals_l.append(vv[o])
+            lens[c] = len(cc)
+        new_ptr = np.r_[0, np.cumsum(lens)].astype(np.int64)
+        order = np.flatnonzero(known)
+        cols = np.zeros(int(new_ptr[-1]), dtype=np.int64)
+        vals = np.zeros(int(new_ptr[-1]), dtype=np.float32)
+        for c, cc, vv in zip(order.tolist(), cols_l, vals_l):
+            cols[new_ptr[c]:new_ptr[c + 1]] = cc
+            vals[new_ptr[c]:new_ptr[c + 1]] = vv
+        return new_ptr, cols, vals
+
+    def _next_recent(self, history: list[int]) -> np.ndarray:
+        """Catalog rows of the newest `next_n` positive titles, newest first."""
+        n_recent = max(int(self.w.next_n), 1)
+        tail = history[-n_recent:]
+        hrows, hk = self.catalog.index_of(np.fromiter(tail, dtype=np.int64, count=len(tail)))
+        return hrows[hk][::-1]
+
+    def _next_term(self, history: list[int], rows: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Fill `out` with the "watched next" term; return the recent catalog rows it used (newest
+        first), or None when there is no evidence."""
+        if self.trans is None or not history:
+            return None
+        recent = self._next_recent(history)
+        indptr, cols, vals = self.trans
+        vec = np.zeros(len(self.catalog), dtype=np.float32)
+        for k, c in enumerate(recent.tolist()):
+            a, e = indptr[c], indptr[c + 1]
+            if a != e:
+                vec[cols[a:e]] += vals[a:e] * (1.0 / (k + 1.0))
+        x = vec[rows]
+        if not x.any():
+            return None
+        _zscore(x, None, self.w.next, out)
+        return recent
+
+    def _next_attribution(self, recent: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """For each item in `top`, the recent title (catalog row) whose chain row favours it most."""
+        indptr, cols, vals = self.trans
+        m = np.zeros((len(recent), len(top)), dtype=np.float32)
+        for k, c in enumerate(recent.tolist()):
+            a, e = indptr[c], indptr[c + 1]
+            if a == e:
+                continue
+            cc = cols[a:e]
+            pos = np.minimum(np.searchsorted(cc, top), len(cc) - 1)
+            hit = cc[pos] == top
+            m[k, hit] = vals[a:e][pos[hit]] / (k + 1.0)
+        return recent[np.argmax(m, axis=0)]
+
     def _explain(self, rows, order, terms, score, prow, pw, pitems, pkinds, s_hat, p_hat, ctx_keys,
-                 mood) -> list[RankedItem]:
+                 mood, seq_recent=None, st=None, nxt=None) -> list[RankedItem]:
+        """Reasons for the returned items only; each fact is computed only when its signal pushed at
+        least one of them up (that is when a reason can use it)."""
         top = rows[order]
         T = terms[:, order]
-        if len(prow):
+        pushed = (T > 0).any(axis=1)
+        cat_ids, titles = self.catalog.ids, self.catalog.titles
+        n = len(top)
+        facts: list[dict] = [{} for _ in range(n)]
+        if seq_recent is not None and pushed[_SEQ]:
+            sim = self.S[top] @ self.S[seq_recent].T            # [items, recent]
+            sim[top[:, None] == seq_recent[None, :]] = -np.inf
+            pick = seq_recent[np.argmax(sim, axis=1)].tolist()
+            kinds = dict(st.profile_pos)
+            kinds.update(dict(st.session_pos))
+            for i, r in enumerate(pick):
+                rid = int(cat_ids[r])
+                pos = kinds.get(rid)
+                facts[i].update(recent_item_id=rid, recent_title=titles[r],
+                                recent_kind=pos.kind if pos is not None else "watched")
+        if nxt is not None and pushed[_NEXT]:
+            for i, r in enumerate(self._next_attribution(nxt, top).tolist()):
+                facts[i].update(next_item_id=int(cat_ids[r]), next_title=titles[r])
+        if len(prow) and pushed[_CF]:
             share = (self.F[top] @ self.F[prow].T) * pw       # each positive's part of the collab term
             share[top[:, None] == prow[None, :]] = -np.inf     # "because you liked X" never names X itself
             because = np.argmax(share, axis=1)
             because[~np.isfinite(share.max(axis=1))] = -1
-        else:
-            because = None
-        hg = self.has_genre[top]
-        s_gen = np.where(hg & (s_hat > 0), s_hat, -np.inf).argmax(axis=1)
-        s_ok = (hg & (s_hat > 0)).any(axis=1)
-        p_gen = np.where(hg & (p_hat > 0), p_hat, -np.inf).argmax(axis=1)
-        p_ok = (hg & (p_hat > 0)).any(axis=1)
-        if ctx_keys:
-            per_key = np.stack([self.Gs[top] @ self._ctx_vecs[key] for key in ctx_keys])
-            ctx_best = per_key.argmax(axis=0)
+            for i, b in enumerate(because.tolist()):
+                if b >= 0:
+                    facts[i].update(because_item_id=pitems[b], because_title=self.catalog.title_of(pitems[b]),
+                                    because_kind=pkinds[b])
         names = self.catalog.genre_names
+        hg = self.has_genre[top]
+        for hat, sig, key in ((s_hat, _SESSION, "session_genre"), (p_hat, _CONTENT, "profile_genre")):
+            if pushed[sig]:
+                pos_g = hg & (hat > 0)
+                gen = np.where(pos_g, hat, -np.inf).argmax(axis=1).tolist()
+                ok = pos_g.any(axis=1).tolist()
+                for i in range(n):
+                    if ok[i]:
+                        facts[i][key] = names[gen[i]]
+        if ctx_keys and pushed[_CTX]:
+            ctx_best = np.stack([self.Gs[top] @ self._ctx_vecs[key] for key in ctx_keys]).argmax(axis=0).tolist()
+            for i in range(n):
+                facts[i]["context_key"] = ctx_keys[ctx_best[i]]
+        pop_recent = self.pop_recent[top].tolist()
+        Tl = T.T.tolist()
+        sc = score[order].tolist()
         out = []
         for i, r in enumerate(top.tolist()):
-            contrib = {sig: float(T[j, i]) for j, sig in enumerate(SIGNALS)}
-            b = int(because[i]) if because is not None else -1
-            facts = ReasonInputs(
-                because_item_id=pitems[b] if b >= 0 else 0,
-                because_title=self.catalog.title_of(pitems[b]) if b >= 0 else "",
-                because_kind=pkinds[b] if b >= 0 else "watched",
-                session_genre=names[s_gen[i]] if s_ok[i] else "",
-                profile_genre=names[p_gen[i]] if p_ok[i] else "",
-                pop_recent=bool(self.pop_recent[r]),
-                context_key=ctx_keys[int(ctx_best[i])] if ctx_keys else "",
-                mood=mood,
-            )
-            out.append(RankedItem(int(self.catalog.ids[r]), self.catalog.titles[r], float(score[order[i]]),
-                                  contrib, build_reasons(contrib, facts)))
+            contrib = dict(zip(SIGNALS, Tl[i]))
+            f = ReasonInputs(pop_recent=pop_recent[i], mood=mood, **facts[i])
+            out.append(RankedItem(int(cat_ids[r]), titles[r], sc[i], contrib, build_reasons(contrib, f)))
         return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from appliance.ranking.mood import CONTEXT_REASON_TEXT
 
-SIGNALS = ("collaborative", "session", "content", "popularity", "context", "affect")
+SIGNALS = ("sequence", "next", "collaborative", "session", "content", "popularity", "context", "affect")
 MIN_ABS = 0.02
 MIN_SHARE = 0.2
 MAX_REASONS = 3
@@ -33,6 +33,11 @@ class ReasonInputs:
     because_item_id: int = 0
     because_title: str = ""
     because_kind: str = "watched"
+    recent_item_id: int = 0         # the recent title the sequence model's score leans on most
+    recent_title: str = ""
+    recent_kind: str = "watched"
+    next_item_id: int = 0           # the recent title whose "watched next" transitions favour the item
+    next_title: str = ""
     session_genre: str = ""
     profile_genre: str = ""
     pop_recent: bool = False
@@ -41,6 +46,14 @@ class ReasonInputs:
 
 
 def _text(signal: str, f: ReasonInputs) -> tuple[str, int] | None:
+    if signal == "sequence":
+        if not f.recent_item_id:
+            return None
+        return f"Because you just {f.recent_kind} {f.recent_title}", f.recent_item_id
+    if signal == "next":
+        if not f.next_item_id:
+            return None
+        return f"Viewers often watch this after {f.next_title}", f.next_item_id
     if signal == "collaborative":
         if not f.because_item_id:
             return None
@@ -68,8 +81,8 @@ def build_reasons(contributions: dict[str, float], facts: ReasonInputs) -> list[
         if value < MIN_ABS or value < MIN_SHARE * top or len(out) >= MAX_REASONS:
             break
         made = _text(signal, facts)
-        if made is not None:
-            out.append(Reason(made[0], signal, float(value), made[1]))
+        if made is not None and not (made[1] and any(r.because_item_id == made[1] for r in out)):
+            out.append(Reason(made[0], signal, float(value), made[1]))  # one reason per named title
     if not out:
         # Strongest positive signal even if small; if none is positive, say it is for variety.
         for signal, value in ranked:

@@ -310,7 +310,10 @@ def tune_ranker(train: Interactions, valid: Interactions, catalog: Catalog, cfg:
     return {k: v for k, v in best.items() if k in ("popularity", "content", "recency_half_life")}, results
 
 
-def write_bundle(out: Path, catalog: Catalog, fitted: Fitted, manifest: dict) -> dict[str, dict]:
+def write_bundle(out: Path, catalog: Catalog, fitted: Fitted, manifest: dict,
+                 extra_files: list[str] | None = None) -> dict[str, dict]:
+    """Write the arrays, then the manifest with the sha256 of every file (`extra_files` already written
+    into `out` by the caller, e.g. the sequence model, are listed too)."""
     out.mkdir(parents=True, exist_ok=True)
     write_catalog_csv(catalog.rows, out / "catalog.csv")
     np.save(out / "item_ids.npy", catalog.ids.astype(np.int64))
@@ -319,7 +322,7 @@ def write_bundle(out: Path, catalog: Catalog, fitted: Fitted, manifest: dict) ->
     np.save(out / "content_weights.npy", fitted.content_weights.astype(np.float32))
     (out / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf-8")
     names = ["catalog.csv", "item_ids.npy", "item_factors.npy", "popularity.npy", "content_weights.npy",
-             "ATTRIBUTION.md"]
+             "ATTRIBUTION.md", *(extra_files or [])]
     files = {n: {"sha256": sha256_file(out / n), "bytes": (out / n).stat().st_size} for n in names}
     manifest = {**manifest, "files": files}
     tmp = out / (MANIFEST + ".tmp")

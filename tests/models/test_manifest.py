@@ -8,8 +8,19 @@ import onnxruntime as ort
 import pytest
 
 from appliance.errors import ModelError
-from appliance.models.manifest import DEFAULT_MODELS_DIR, load_manifest, model_path, verify_models
+from appliance.models.manifest import (
+    DEFAULT_MODELS_DIR,
+    TrainedSource,
+    file_sha256,
+    load_manifest,
+    model_path,
+    verify_models,
+)
 from appliance.vision.emotion import LABELS
+
+REPO = Path(__file__).resolve().parents[2]
+# shared/datasets/README.md: sha256 of fer2013-train/labels.csv
+FER2013_TRAIN_LABELS_SHA256 = "78e3cd9d698d8fddbb28ef9d2a67f0303b5bda7e849bcdab09bb959309e3aa40"
 
 
 @pytest.fixture
@@ -25,7 +36,7 @@ def models_copy(tmp_path: Path) -> Path:
 
 def test_committed_models_verify():
     manifest = verify_models(DEFAULT_MODELS_DIR)
-    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception"}
+    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception", "emotion_cnn48"}
     emo = manifest.entry("fer_mini_xception")
     assert tuple(emo.labels) == LABELS
     assert emo.task == "emotion" and emo.opset == 17 and emo.source.license == "MIT"
@@ -36,6 +47,33 @@ def test_committed_models_verify():
         assert e.parity.max_abs_diff <= e.parity.tolerance and e.parity.argmax_agreement == 1.0
         assert e.output.bytes == (DEFAULT_MODELS_DIR / e.output.path).stat().st_size
         assert e.tag.startswith(f"{e.name}@") and e.output.sha256[:12] in e.tag
+
+
+def test_own_emotion_model_is_recorded():
+    """Our trained model: recipe, data set (by the sha256 of its labels.csv), seed, checkpoint, edge size."""
+    manifest = verify_models(DEFAULT_MODELS_DIR)
+    own = manifest.entry("emotion_cnn48")
+    assert isinstance(own.source, TrainedSource) and own.source.package == "own-recipe"
+    assert (REPO / own.source.recipe).is_file() and own.source.recipe == "appliance/models/train_emotion.py"
+    assert own.source.dataset_labels_sha256 == FER2013_TRAIN_LABELS_SHA256
+    assert own.source.seed == 2013 and 0.0 < own.source.val_accuracy < 1.0
+    ckpt = DEFAULT_MODELS_DIR / own.source.path
+    assert ckpt.is_file() and file_sha256(ckpt) == own.source.sha256
+    assert own.task == "emotion" and own.opset == 17 and tuple(own.labels) == LABELS
+    assert own.inputs[0].shape == ["N", 48, 48, 1] and own.inputs[0].dtype == "float32"
+    assert own.outputs[0].shape == ["N", 7]
+    assert own.output.bytes <= 5 * 1024 * 1024  # small enough for the edge
+    assert own.parity.reference.startswith("torch ") and own.parity.n >= 100
+    session = ort.InferenceSession(str(DEFAULT_MODELS_DIR / own.output.path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["dataset_labels_sha256"] == FER2013_TRAIN_LABELS_SHA256 and meta["seed"] == "2013"
+
+
+def test_own_model_matches_the_shared_training_labels():
+    labels_csv = REPO.parent / "shared" / "datasets" / "fer2013-train" / "labels.csv"
+    if not labels_csv.is_file():
+        pytest.skip(f"reference data not present: {labels_csv}")
+    assert file_sha256(labels_csv) == load_manifest(DEFAULT_MODELS_DIR).entry("emotion_cnn48").source.dataset_labels_sha256
 
 
 def test_onnx_files_carry_their_provenance():

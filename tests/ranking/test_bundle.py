@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from appliance.errors import ModelError
-from appliance.ranking.bundle import REQUIRED_FILES, RankerBundle
+from appliance.ranking.bundle import REQUIRED_FILES, SEQUENCE_FILES, TRANSITION_FILE, RankerBundle
 
 from .conftest import BUNDLE_DIR
 
 
 def test_committed_bundle_is_complete_and_small(bundle: RankerBundle) -> None:
-    assert bundle.version == "ml-small-svd-1"
+    assert bundle.version == "ml-small-sasrec-1"
     n = len(bundle.item_ids)
     assert n == len(bundle.catalog_rows) == 9742
     assert bundle.item_factors.shape == (n, bundle.dim) and 32 <= bundle.dim <= 64
@@ -24,10 +24,13 @@ def test_committed_bundle_is_complete_and_small(bundle: RankerBundle) -> None:
     assert np.all(np.diff(bundle.item_ids) > 0)
     total = sum(p.stat().st_size for p in BUNDLE_DIR.iterdir())
     print(f"bundle size: {total / 1e6:.2f} MB")
-    assert total < 3.2e6
-    test = bundle.manifest["evaluation"]["test"]
-    for key in ("popularity", "svd_cf"):
-        assert {"hr@10", "ndcg@10"} <= set(test[key])
+    assert total < 10e6
+    ev = bundle.manifest["evaluation"]
+    for key in ("popularity", "itemknn", "als", "ease", "transition"):
+        assert {"HR@10", "NDCG@10", "HR@20", "NDCG@20"} <= set(ev["baselines"][key])
+    assert {"HR@10", "NDCG@10", "HR@20", "NDCG@20"} <= set(ev["ours"])
+    assert bundle.sequence is not None and bundle.sequence.table.shape[0] == n
+    assert bundle.manifest["sequence"]["params"]["max_len"] == bundle.sequence.max_len
     text = (BUNDLE_DIR / "ATTRIBUTION.md").read_text()
     assert "Harper" in text and "GroupLens" in text and "endorsement" in text
 
@@ -55,7 +58,7 @@ def test_tampered_catalog_is_refused(copy: Path) -> None:
         RankerBundle.load(copy)
 
 
-@pytest.mark.parametrize("name", REQUIRED_FILES)
+@pytest.mark.parametrize("name", REQUIRED_FILES + SEQUENCE_FILES + (TRANSITION_FILE,))
 def test_missing_file_is_refused_by_name(copy: Path, name: str) -> None:
     (copy / name).unlink()
     with pytest.raises(ModelError, match=name.replace(".", r"\.")):
@@ -71,3 +74,23 @@ def test_missing_or_unlisted_manifest_entries(copy: Path) -> None:
     (copy / "manifest.json").unlink()
     with pytest.raises(ModelError, match=r"manifest\.json is missing"):
         RankerBundle.load(copy)
+
+
+def test_tampered_sequence_model_is_refused(copy: Path) -> None:
+    p = copy / "sequence.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"sequence\.onnx sha256"):
+        RankerBundle.load(copy)
+
+
+def test_a_format_1_bundle_without_a_sequence_model_still_loads(copy: Path) -> None:
+    m = json.loads((copy / "manifest.json").read_text())
+    m["format"] = 1
+    for name in (*SEQUENCE_FILES, TRANSITION_FILE):
+        del m["files"][name]
+        (copy / name).unlink()
+    (copy / "manifest.json").write_text(json.dumps(m))
+    b = RankerBundle.load(copy)
+    assert b.sequence is None and b.transition is None

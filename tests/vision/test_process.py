@@ -37,6 +37,27 @@ def pipeline(tmp_path_factory) -> VisionPipeline:
     return VisionPipeline(_cfg(tmp_path_factory.mktemp("vp")))
 
 
+def test_pipeline_runs_the_product_emotion_model_and_says_so(pipeline: VisionPipeline):
+    from appliance.vision.emotion import DEFAULT_EMOTION_MODEL
+
+    assert pipeline.emotion_model == DEFAULT_EMOTION_MODEL == "emotion_cnn48"
+    assert pipeline.classifier.size == 48 and "+emotion_cnn48@" in pipeline.model_version
+
+
+def test_emotion_model_is_selectable_by_config(tmp_path: Path):
+    """`vision.emotion_model` picks another manifest entry; its crop side follows; a non-emotion entry fails."""
+    from appliance.errors import ConfigError
+
+    cfg = _cfg(tmp_path)
+    p = VisionPipeline(cfg.with_overrides(vision={"emotion_model": "fer_mini_xception"}))
+    assert p.emotion_model == "fer_mini_xception" and p.classifier.size == 64
+    img = read_image("media", "justin.jpg")
+    tracks, seen = p.analyse(img)
+    assert seen == 1
+    with pytest.raises(ConfigError, match="emotion_model"):
+        cfg.with_overrides(vision={"emotion_model": "blazeface_short_range"})
+
+
 def test_two_people_make_two_tracks_with_distinct_ids(pipeline: VisionPipeline):
     pipeline.reset()
     img = read_image("media", "two_people.jpg")
