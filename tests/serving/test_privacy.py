@@ -155,7 +155,9 @@ def test_events_queued_behind_a_forget_are_never_written(cfg):
         first.join()
         second.join()
         assert results["first"] == 10  # acknowledged before the Forget, and then erased by it
-        assert results["second"] == grpc.StatusCode.NOT_FOUND  # never written after the Forget
+        # The second batch either joined the first one's group commit (acknowledged before the Forget, then
+        # erased by it) or waited behind it and was refused; either way nothing is left after the Forget.
+        assert results["second"] in (10, grpc.StatusCode.NOT_FOUND)
         assert proc.store.event_stats("racer") == (0, None)
         assert "racer" not in proc.core._profiles
         c.close()
