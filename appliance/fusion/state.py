@@ -209,6 +209,9 @@ class SessionState:
         self.last_ts_ms = 0
         self.version = 0
         self.lock = threading.RLock()
+        # The ranker's derived view of this session + its profile, tagged with both versions
+        # (appliance/ranking/ranker.py `Ranker.prepare`); dropped with the session.
+        self.ranker_cache: tuple | None = None
 
     def apply_event(self, event_type: int, item_id: int, ts_ms: int, value: float = 0.0) -> bool:
         """Apply one event; True when the title is in the catalog (its genres counted)."""

@@ -159,8 +159,13 @@ def write_catalog_csv(rows: Iterable[CatalogRow], path: str | os.PathLike[str]) 
             w.writerow([r.item_id, r.title, "|".join(r.genres) if r.genres else NO_GENRES, r.maturity])
 
 
+LUT_MAX_BYTES = 16 << 20  # a dense id -> row table up to this size (ids up to ~4M); else binary search
+
+
 class Catalog:
-    """Column arrays over the catalog, sorted by id; `index_of` maps ids to rows with np.searchsorted."""
+    """Column arrays over the catalog, sorted by id. `index_of` maps ids to rows with one gather from a
+    dense id -> row table when the ids are small enough for one (the Rank and ingest paths), else with
+    np.searchsorted."""
 
     def __init__(self, rows: Sequence[CatalogRow]) -> None:
         order = sorted(range(len(rows)), key=lambda i: rows[i].item_id)
@@ -182,6 +187,10 @@ class Catalog:
         self.maturity = np.array([r.maturity for r in self.rows], dtype=np.int8)
         self._row: dict[int, int] = {int(i): k for k, i in enumerate(self.ids)}
         self.genre_index = gidx
+        self._lut: np.ndarray | None = None
+        if len(self.ids) and int(self.ids[0]) >= 0 and int(self.ids[-1]) * 4 <= LUT_MAX_BYTES:
+            self._lut = np.full(int(self.ids[-1]) + 1, -1, dtype=np.int32)
+            self._lut[self.ids] = np.arange(len(self.ids), dtype=np.int32)
 
     @classmethod
     def from_rows(cls, rows: Sequence[CatalogRow]) -> Catalog:
@@ -195,6 +204,17 @@ class Catalog:
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if len(self.ids) == 0:
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        lut = self._lut
+        if lut is not None:
+            inside = (ids >= 0) & (ids < len(lut))
+            if inside.all():
+                rows = lut[ids].astype(np.int64)
+            else:
+                rows = np.where(inside, lut[np.where(inside, ids, 0)], -1).astype(np.int64)
+            known = rows >= 0
+            if not known.all():
+                rows[~known] = 0
+            return rows, known
         pos = np.searchsorted(self.ids, ids)
         pos_c = np.minimum(pos, len(self.ids) - 1)
         known = self.ids[pos_c] == ids

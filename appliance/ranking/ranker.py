@@ -25,7 +25,13 @@ in the item's `contributions` so the reasons are the real reasons:
 Then: maturity gate (never above context.max_maturity), leave out completed/disliked titles (and
 skipped ones for the rest of the session), dedupe, MMR over the best ~100 (similarity = mean of
 embedding cosine and genre cosine), top k. Titles the bundle lacks get their embedding from content.
-Everything that does not depend on the request is computed once in __init__.
+
+Where the work happens: what depends on nothing but the bundle and catalog is computed once in __init__
+(per-title context and mood affinities included); what depends on the profile and session state (the
+sequence encoder's query, the taste vector, every state-only term of every title) once per state version by
+`prepare`, which the event path calls before its ack; a Rank only gathers its candidates' rows of that,
+z-scores two of them over the candidates, adds the request's context/affect terms, runs MMR and writes the
+reasons of the k titles it returns.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from appliance.ranking.mood import (
     mood_intensity,
     mood_word,
 )
-from appliance.ranking.reasons import SIGNALS, Reason, ReasonInputs, build_reasons
+from appliance.ranking.reasons import SIGNALS, Reason, build_reasons
 
 if TYPE_CHECKING:
     from appliance.config.schema import RankingConfig
@@ -143,6 +149,25 @@ class _StateView:
     session_aff: np.ndarray
 
 
+@dataclass
+class _Derived:
+    """What every Rank of a session needs from its state until the next event (see `Ranker.prepare`)."""
+    excl_rows: np.ndarray | None    # catalog rows never to show (completed, disliked, skipped...)
+    prow: np.ndarray                # positive titles: catalog rows, weights, ids, "liked"/"watched"
+    pw: np.ndarray
+    pitems: list[int]
+    pkinds: list[str]
+    s_hat: np.ndarray               # normalised session / profile genre affinity
+    p_hat: np.ndarray
+    seq_q: np.ndarray | None        # the sequence encoder's query for the history (None: no evidence)
+    seq_recent: np.ndarray | None   # catalog rows of the newest titles a sequence reason may name
+    next_vec: np.ndarray | None     # catalog-sized "watched next" scores (None: no chain or no history)
+    next_recent: np.ndarray | None  # the recent catalog rows it used, newest first
+    kinds: dict                     # item id -> Positive, for "Because you just watched/liked X"
+    base: np.ndarray                # [signals, catalog]: every state-only term of every title (sequence
+                                    # and next raw, z-scored over the candidates at Rank time)
+
+
 def _z(x: np.ndarray) -> np.ndarray:
     sd = float(x.std())
     return ((x - x.mean()) / sd if sd > 0 else np.zeros_like(x)).astype(np.float32)
@@ -155,7 +180,8 @@ def _zscore(x: np.ndarray, mask: np.ndarray | None, weight: float, out: np.ndarr
     if sd <= 0:
         out[:] = 0.0
         return
-    np.multiply(x - mu, weight / sd, out=out)
+    np.subtract(x, mu, out=out)
+    out *= weight / sd
     if mask is not None:
         out[~mask] = 0.0
 
@@ -200,7 +226,7 @@ class Ranker:
         # MMR similarity = mean of the embedding cosine and the genre cosine = <M_i, M_j>.
         self._M = (np.hstack([self.Fn, self.Gl]) / np.sqrt(2.0)).astype(np.float32)
         self._allowed = {m: catalog.maturity <= m for m in range(1, 6)}
-        self._all_rows = np.arange(n, dtype=np.int64)
+        self._allowed_rows = {m: np.flatnonzero(a) for m, a in self._allowed.items()}
         self.seq = bundle.sequence
         self._brow = np.where(known, brow, -1)            # catalog row -> bundle row (-1: not in bundle)
         if self.seq is not None:
@@ -214,9 +240,11 @@ class Ranker:
         self._b2c[brow[known]] = np.flatnonzero(known)
         self.trans = self._transition_in_catalog_rows(bundle.transition, brow, known)
         mt = MOOD_GENRE_TABLE if mood_table is None else mood_table
-        self._mood_vecs = {m: _table_vec(t, catalog) for m, t in mt.items()}
         ct = CONTEXT_GENRE_TABLE if context_table is None else context_table
-        self._ctx_vecs = {k: _table_vec(t, catalog) for k, t in ct.items()}
+        # Per title: its mood affinity (x request strength) and its context prior (x w_context), once.
+        self._mood_cat = {m: self.Gs @ _table_vec(t, catalog) for m, t in mt.items()}
+        self._ctx_cat = {k: (self.w.context * (self.Gs @ _table_vec(t, catalog))).astype(np.float32)
+                         for k, t in ct.items()}
 
     @classmethod
     def from_config(cls, cfg: RankingConfig, bundle_dir: str | os.PathLike[str]) -> Ranker:
@@ -233,10 +261,29 @@ class Ranker:
         known = bundle_ids[pos] == ids
         return np.where(known, pos, 0), known
 
-    # ---- request-time pieces -------------------------------------------------------------------
+    # ---- per-state pieces: computed once per (profile version, session version) --------------------
 
-    def _read_state(self, profile: ProfileState, session: SessionState) -> _StateView:
-        """Copy, under the states' locks, what this request needs (events may arrive meanwhile)."""
+    def prepare(self, profile: ProfileState, session: SessionState) -> None:
+        """Derive, now, what every Rank of this session needs from its state until the next event (the
+        sequence encoder's query, the taste vector, the "watched next" scores, the left-out rows...).
+
+        The event path calls this after applying a batch and before acknowledging it, so the Rank that
+        follows an event does not pay for it; a Rank that finds nothing prepared derives it itself."""
+        self._derived(profile, session)
+
+    def _derived(self, profile: ProfileState, session: SessionState) -> _Derived:
+        cached = session.ranker_cache
+        if (cached is not None and cached[0] is self and cached[1] == profile.version
+                and cached[2] == session.version):
+            return cached[3]
+        st, pver, sver = self._read_state(profile, session)
+        d = self._derive(st)
+        session.ranker_cache = (self, pver, sver, d)  # one tuple: readers see the old or the new entry whole
+        return d
+
+    def _read_state(self, profile: ProfileState, session: SessionState) -> tuple[_StateView, int, int]:
+        """Copy, under the states' locks, what a Rank needs (events may arrive meanwhile), with the two
+        versions the copy belongs to."""
         with profile.lock, session.lock:
             hist = list(profile.positives)
             if session.positives:
@@ -251,53 +298,111 @@ class Ranker:
                 session_pos=list(session.positives.items()),
                 profile_aff=profile.genre_affinity.copy(),
                 session_aff=session.genre_affinity.copy(),
-            )
+            ), profile.version, session.version
+
+    def _derive(self, st: _StateView) -> _Derived:
+        w = self.w
+        excl = None
+        if st.excluded:
+            r, kn = self.catalog.index_of(np.fromiter(st.excluded, dtype=np.int64, count=len(st.excluded)))
+            excl = r[kn]
+        prow, pw, pitems, pkinds = self._positives(st)
+        taste = None
+        if len(prow) and w.collaborative:
+            t = pw @ self.F[prow]
+            tn = float(np.linalg.norm(t))
+            if tn > 0:
+                taste = (t * (w.collaborative / tn)).astype(np.float32)
+        s_aff, p_aff = st.session_aff, st.profile_aff
+        s_hat = s_aff / (float(np.abs(s_aff).sum()) + 1.0)
+        p_hat = p_aff / (float(np.abs(p_aff).sum()) + 5.0)
+        cold = max(0.0, 1.0 - len(prow) / max(w.cold_full_positives, 1e-9))
+        seq_q = seq_recent = None
+        if w.sequence and self.seq is not None and st.history:
+            hrows, hk = self.catalog.index_of(np.fromiter(st.history, dtype=np.int64, count=len(st.history)))
+            hrows = hrows[hk]
+            hrows = hrows[self.seq_known[hrows]]
+            if len(hrows):
+                seq_q = self.seq.encode(self._brow[hrows])
+                seq_recent = hrows[-SEQ_REASON_RECENT:]
+        next_vec = next_recent = None
+        if w.next and self.trans is not None and st.history:
+            next_recent = self._next_recent(st.history)
+            indptr, cols, vals = self.trans
+            next_vec = np.zeros(len(self.catalog), dtype=np.float32)
+            for k, c in enumerate(next_recent.tolist()):
+                a, e = indptr[c], indptr[c + 1]
+                if a != e:
+                    next_vec[cols[a:e]] += vals[a:e] * (1.0 / (k + 1.0))
+        kinds = dict(st.profile_pos)
+        kinds.update(dict(st.session_pos))
+        w_pop = w.popularity + w.popularity_cold * cold
+        base = np.zeros((len(SIGNALS), len(self.catalog)), dtype=np.float32)
+        if seq_q is not None:
+            np.matmul(self.S, seq_q, out=base[_SEQ])
+        if next_vec is not None:
+            base[_NEXT] = next_vec
+        if taste is not None:
+            np.matmul(self.F, taste, out=base[_CF])
+        np.matmul(self.Gs, (w.session * s_hat).astype(np.float32), out=base[_SESSION])
+        np.matmul(self.Gs, (w.content * p_hat).astype(np.float32), out=base[_CONTENT])
+        if w_pop:
+            np.multiply(self.pop_z, w_pop, out=base[_POP])
+        return _Derived(excl, prow, pw, pitems, pkinds, s_hat, p_hat, seq_q, seq_recent,
+                        next_vec, next_recent, kinds, base)
 
     def _positives(self, st: _StateView) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
-        """Catalog rows and weights of positive titles, newest counted most (vectorised: a Rank right
-        after an event cannot reuse anything, so this runs on every call)."""
+        """Catalog rows, weights, ids and kinds of the positive titles, newest counted most: a title in
+        both the profile and the session adds up (ids ascending then; else in the source's order)."""
         h = max(self.w.recency_half_life, 1e-6)
-        ids_l, w_l, kinds = [], [], {}
+        acc: dict[int, float] = {}
+        kinds: dict[int, str] = {}
+        sources = 0
         for src, boost in ((st.profile_pos, 1.0), (st.session_pos, self.w.session_boost)):
             m = len(src)
             if not m:
                 continue
-            ids_l.append(np.fromiter((i for i, _ in src), dtype=np.int64, count=m))
-            pw = np.fromiter((p.weight for _, p in src), dtype=np.float64, count=m)
-            w_l.append(boost * pw * 0.5 ** (np.arange(m - 1, -1, -1) / h))
-            for i, p in src:
+            sources += 1
+            decay = (0.5 ** (np.arange(m - 1, -1, -1) / h)).tolist()
+            for (i, p), f in zip(src, decay):
+                acc[i] = acc.get(i, 0.0) + boost * p.weight * f
                 kinds.setdefault(i, p.kind)
-        if not ids_l:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), [], []
-        ids = np.concatenate(ids_l)
-        ws = np.concatenate(w_l)
-        if len(ids_l) > 1:
-            ids, inv = np.unique(ids, return_inverse=True)
-            ws = np.bincount(inv, weights=ws, minlength=len(ids))
-        rows, known = self.catalog.index_of(ids)
-        keep = known & (ws > 0)
-        if st.disliked:
-            keep &= ~np.isin(ids, np.fromiter(st.disliked, dtype=np.int64, count=len(st.disliked)))
-        items = ids[keep].tolist()
-        return rows[keep], ws[keep].astype(np.float32), items, [kinds[i] for i in items]
+        row_of, disliked = self.catalog.row_of, st.disliked
+        rows, ws, items = [], [], []
+        for i in (sorted(acc) if sources > 1 else acc):
+            wv = acc[i]
+            r = row_of(i)
+            if r is not None and wv > 0 and i not in disliked:
+                rows.append(r)
+                ws.append(wv)
+                items.append(i)
+        return (np.array(rows, dtype=np.int64), np.array(ws, dtype=np.float64).astype(np.float32), items,
+                [kinds[i] for i in items])
 
-    def _candidate_rows(self, excl: set[int], max_maturity: int, candidate_ids: np.ndarray | None
+    # ---- request-time pieces -------------------------------------------------------------------
+
+    def _candidate_rows(self, excl: np.ndarray | None, max_maturity: int, candidate_ids: np.ndarray | None
                         ) -> tuple[np.ndarray, list[int]]:
-        keep = self._allowed[max_maturity]
-        if excl:
-            keep = keep.copy()
-            r, kn = self.catalog.index_of(np.fromiter(excl, dtype=np.int64, count=len(excl)))
-            keep[r[kn]] = False
+        """Catalog rows to score, ascending and unique (one catalog-sized mask: dedupes, sorts and gates in
+        a few vector passes), and the candidate ids the catalog lacks."""
+        allowed = self._allowed[max_maturity]
+        unknown: list[int] = []
         if candidate_ids is None or len(candidate_ids) == 0:
-            return np.flatnonzero(keep), []
-        ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
-        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            ids = np.unique(ids)  # the server sends them sorted and unique already: then no copy
-        r, kn = self.catalog.index_of(ids)
-        if kn.all():
-            return r[keep[r]], []
-        r = r[kn]
-        return r[keep[r]], ids[~kn].tolist()
+            if excl is None or not len(excl):
+                return self._allowed_rows[max_maturity], unknown
+            mask = allowed.copy()
+        else:
+            ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
+            r, kn = self.catalog.index_of(ids)
+            if not kn.all():
+                unknown = np.unique(ids[~kn]).tolist()
+                r = r[kn]
+            mask = np.zeros(len(allowed), dtype=bool)
+            mask[r] = True
+            mask &= allowed
+        if excl is not None and len(excl):
+            mask[excl] = False
+        return np.flatnonzero(mask), unknown
 
     def _mmr(self, rows: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
         """Indices into `rows`, in the order to show: MMR over the best MMR_POOL, then by score."""
@@ -309,23 +414,23 @@ class Ranker:
         if self.diversity <= 0 or pool_n <= 1:
             head = pool
         else:
+            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. With
+            # B[j] = (1 - lam) rel - lam sim[j], the value after some picks is min over them of B[j] (times
+            # a negative constant max turns into min, and float rounding is monotone, so this is exact).
             s = score[pool]
             rel = (s - s.min()) / max(float(s.max() - s.min()), 1e-9)
-            pr = rows[pool]
-            Mp = self._M[pr]
+            Mp = self._M[rows[pool]]
             lam = self.diversity
             base = ((1 - lam) * rel).astype(np.float32)
-            maxsim = np.zeros(pool_n, dtype=np.float32)
-            val = np.empty(pool_n, dtype=np.float32)
+            B = (Mp @ Mp.T) * np.float32(-lam)
+            B += base
+            val = base.copy()
             picked = []
             for _ in range(min(want, pool_n)):
-                np.multiply(maxsim, -lam, out=val)
-                val += base
-                if picked:
-                    val[picked] = -np.inf
-                j = int(np.argmax(val))
+                j = int(val.argmax())
                 picked.append(j)
-                np.maximum(maxsim, Mp @ Mp[j], out=maxsim)  # similarity to the newly picked item only
+                np.minimum(val, B[j], out=val)
+                val[j] = -np.inf
             head = pool[picked]
         if want <= len(head):
             return head[:want]
@@ -342,8 +447,8 @@ class Ranker:
             raise ValidationError(f"k must be >= 1, got {k!r}")
         if context.max_maturity not in self._allowed:
             raise ValidationError(f"context.max_maturity must be 1..5, got {context.max_maturity!r}")
-        st = self._read_state(profile, session)
-        rows, unknown = self._candidate_rows(st.excluded, context.max_maturity, candidate_ids)
+        d = self._derived(profile, session)
+        rows, unknown = self._candidate_rows(d.excl_rows, context.max_maturity, candidate_ids)
 
         use_affect = bool(consent) and affect is not None and affect.is_fresh(now_ns, self.affect_stale_s)
         age = affect.age_s(now_ns) if (consent and affect is not None) else -1.0
@@ -353,63 +458,36 @@ class Ranker:
                               (time.perf_counter() - t0) * 1e3)
 
         w = self.w
-        G = self.Gs[rows]
-        terms = np.zeros((len(SIGNALS), len(rows)), dtype=np.float32)
-        seq_recent = self._sequence_term(st.history, rows, terms[_SEQ]) if w.sequence else None
-        nxt = self._next_term(st.history, rows, terms[_NEXT]) if w.next else None
-        prow, pw, pitems, pkinds = self._positives(st)
-        if len(prow):
-            taste = pw @ self.F[prow]
-            tn = float(np.linalg.norm(taste))
-            if tn > 0 and w.collaborative:
-                terms[_CF] = (w.collaborative / tn) * (self.F[rows] @ taste)
-        s_aff = st.session_aff
-        s_hat = s_aff / (float(np.abs(s_aff).sum()) + 1.0)
-        p_aff = st.profile_aff
-        p_hat = p_aff / (float(np.abs(p_aff).sum()) + 5.0)
-        gp = G @ np.stack([s_hat, p_hat], axis=1)
-        terms[_SESSION] = w.session * gp[:, 0]
-        terms[_CONTENT] = w.content * gp[:, 1]
-        cold = max(0.0, 1.0 - len(prow) / max(w.cold_full_positives, 1e-9))
-        wpop = w.popularity + w.popularity_cold * cold
-        if wpop:
-            terms[_POP] = wpop * self.pop_z[rows]
+        terms = d.base[:, rows]  # one gather: every state-only term of every candidate
+        seq_recent = None
+        if d.seq_q is not None:
+            known = self.seq_known[rows]
+            nk = int(np.count_nonzero(known))
+            if nk:
+                _zscore(terms[_SEQ], known if nk != len(rows) else None, w.sequence, terms[_SEQ])
+                seq_recent = d.seq_recent
+            else:
+                terms[_SEQ] = 0.0
+        nxt = None
+        if d.next_vec is not None and terms[_NEXT].any():
+            _zscore(terms[_NEXT], None, w.next, terms[_NEXT])
+            nxt = d.next_recent
         ctx_keys = [key for key in active_context_keys(context.device, context.local_hour, context.weekday)
-                    if key in self._ctx_vecs]
-        if ctx_keys:
-            terms[_CTX] = w.context * (G @ sum(self._ctx_vecs[key] for key in ctx_keys))
+                    if key in self._ctx_cat]
+        for key in ctx_keys:
+            terms[_CTX] += self._ctx_cat[key][rows]
         if use_affect:
             strength = (self.affect_weight * max(0.0, 1.0 - age / self.affect_stale_s)
                         * mood_intensity(affect.valence, affect.arousal, affect.engagement))
-            mvec = self._mood_vecs.get(mood)
-            if strength > 0 and mvec is not None:
-                terms[_AFFECT] = strength * (G @ mvec)
+            mcat = self._mood_cat.get(mood)
+            if strength > 0 and mcat is not None:
+                np.multiply(mcat[rows], strength, out=terms[_AFFECT])
         score = terms.sum(axis=0)
 
         order = self._mmr(rows, score, int(k))
-        items = self._explain(rows, order, terms, score, prow, pw, pitems, pkinds, s_hat, p_hat,
-                              ctx_keys, mood, seq_recent, st, nxt)
+        items = self._explain(rows, order, terms, score, d, ctx_keys, mood, seq_recent, nxt)
         return RankResult(items, use_affect, age, mood, self.model_version, unknown, len(rows),
                           (time.perf_counter() - t0) * 1e3)
-
-    def _sequence_term(self, history: list[int], rows: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-        """Fill `out` (per candidate) with the sequence term; return the catalog rows of the newest
-        titles the reason may name (None when the term is 0 for every candidate)."""
-        if self.seq is None or not history:
-            return None
-        hrows, hk = self.catalog.index_of(np.fromiter(history, dtype=np.int64, count=len(history)))
-        hrows = hrows[hk]
-        hrows = hrows[self.seq_known[hrows]]
-        if not len(hrows):
-            return None
-        q = self.seq.encode(self._brow[hrows])
-        known = self.seq_known[rows]
-        logit = self.S[rows] @ q
-        nk = int(known.sum())
-        if nk == 0:
-            return None
-        _zscore(logit, known if nk != len(rows) else None, self.w.sequence, out)
-        return hrows[-SEQ_REASON_RECENT:]
 
     def _transition_in_catalog_rows(self, trans, brow: np.ndarray, known: np.ndarray):
         """The bundle's CSR chain re-indexed by catalog rows (titles outside the catalog dropped), with
@@ -445,24 +523,6 @@ class Ranker:
         hrows, hk = self.catalog.index_of(np.fromiter(tail, dtype=np.int64, count=len(tail)))
         return hrows[hk][::-1]
 
-    def _next_term(self, history: list[int], rows: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-        """Fill `out` with the "watched next" term; return the recent catalog rows it used (newest
-        first), or None when there is no evidence."""
-        if self.trans is None or not history:
-            return None
-        recent = self._next_recent(history)
-        indptr, cols, vals = self.trans
-        vec = np.zeros(len(self.catalog), dtype=np.float32)
-        for k, c in enumerate(recent.tolist()):
-            a, e = indptr[c], indptr[c + 1]
-            if a != e:
-                vec[cols[a:e]] += vals[a:e] * (1.0 / (k + 1.0))
-        x = vec[rows]
-        if not x.any():
-            return None
-        _zscore(x, None, self.w.next, out)
-        return recent
-
     def _next_attribution(self, recent: np.ndarray, top: np.ndarray) -> np.ndarray:
         """For each item in `top`, the recent title (catalog row) whose chain row favours it most."""
         indptr, cols, vals = self.trans
@@ -477,8 +537,9 @@ class Ranker:
             m[k, hit] = vals[a:e][pos[hit]] / (k + 1.0)
         return recent[np.argmax(m, axis=0)]
 
-    def _explain(self, rows, order, terms, score, prow, pw, pitems, pkinds, s_hat, p_hat, ctx_keys,
-                 mood, seq_recent=None, st=None, nxt=None) -> list[RankedItem]:
+    def _explain(self, rows: np.ndarray, order: np.ndarray, terms: np.ndarray, score: np.ndarray, d: _Derived,
+                 ctx_keys: list[str], mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None
+                 ) -> list[RankedItem]:
         """Reasons for the returned items only; each fact is computed only when its signal pushed at
         least one of them up (that is when a reason can use it)."""
         top = rows[order]
@@ -491,8 +552,7 @@ class Ranker:
             sim = self.S[top] @ self.S[seq_recent].T            # [items, recent]
             sim[top[:, None] == seq_recent[None, :]] = -np.inf
             pick = seq_recent[np.argmax(sim, axis=1)].tolist()
-            kinds = dict(st.profile_pos)
-            kinds.update(dict(st.session_pos))
+            kinds = d.kinds
             for i, r in enumerate(pick):
                 rid = int(cat_ids[r])
                 pos = kinds.get(rid)
@@ -501,6 +561,7 @@ class Ranker:
         if nxt is not None and pushed[_NEXT]:
             for i, r in enumerate(self._next_attribution(nxt, top).tolist()):
                 facts[i].update(next_item_id=int(cat_ids[r]), next_title=titles[r])
+        prow, pw, pitems, pkinds = d.prow, d.pw, d.pitems, d.pkinds
         if len(prow) and pushed[_CF]:
             share = (self.F[top] @ self.F[prow].T) * pw       # each positive's part of the collab term
             share[top[:, None] == prow[None, :]] = -np.inf     # "because you liked X" never names X itself
@@ -512,7 +573,7 @@ class Ranker:
                                     because_kind=pkinds[b])
         names = self.catalog.genre_names
         hg = self.has_genre[top]
-        for hat, sig, key in ((s_hat, _SESSION, "session_genre"), (p_hat, _CONTENT, "profile_genre")):
+        for hat, sig, key in ((d.s_hat, _SESSION, "session_genre"), (d.p_hat, _CONTENT, "profile_genre")):
             if pushed[sig]:
                 pos_g = hg & (hat > 0)
                 gen = np.where(pos_g, hat, -np.inf).argmax(axis=1).tolist()
@@ -521,7 +582,7 @@ class Ranker:
                     if ok[i]:
                         facts[i][key] = names[gen[i]]
         if ctx_keys and pushed[_CTX]:
-            ctx_best = np.stack([self.Gs[top] @ self._ctx_vecs[key] for key in ctx_keys]).argmax(axis=0).tolist()
+            ctx_best = np.stack([self._ctx_cat[key][top] for key in ctx_keys]).argmax(axis=0).tolist()
             for i in range(n):
                 facts[i]["context_key"] = ctx_keys[ctx_best[i]]
         pop_recent = self.pop_recent[top].tolist()
@@ -529,7 +590,9 @@ class Ranker:
         sc = score[order].tolist()
         out = []
         for i, r in enumerate(top.tolist()):
-            contrib = dict(zip(SIGNALS, Tl[i]))
-            f = ReasonInputs(pop_recent=pop_recent[i], mood=mood, **facts[i])
-            out.append(RankedItem(int(cat_ids[r]), titles[r], sc[i], contrib, build_reasons(contrib, f)))
+            f = facts[i]
+            f["pop_recent"] = pop_recent[i]
+            f["mood"] = mood
+            out.append(RankedItem(int(cat_ids[r]), titles[r], sc[i], dict(zip(SIGNALS, Tl[i])),
+                                  build_reasons(Tl[i], f)))
         return out

@@ -9,6 +9,7 @@ signal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.ranking.mood import CONTEXT_REASON_TEXT
@@ -27,68 +28,58 @@ class Reason:
     because_item_id: int = 0
 
 
-@dataclass(frozen=True)
-class ReasonInputs:
-    """Per-item facts the texts need, computed vectorised by the ranker for the returned items only."""
-    because_item_id: int = 0
-    because_title: str = ""
-    because_kind: str = "watched"
-    recent_item_id: int = 0         # the recent title the sequence model's score leans on most
-    recent_title: str = ""
-    recent_kind: str = "watched"
-    next_item_id: int = 0           # the recent title whose "watched next" transitions favour the item
-    next_title: str = ""
-    session_genre: str = ""
-    profile_genre: str = ""
-    pop_recent: bool = False
-    context_key: str = ""
-    mood: str = ""
+# The per-item facts the texts need (a plain dict, filled by the ranker vectorised for the returned items
+# only; a missing key means the fact is unknown): because_item_id / because_title / because_kind ("liked" or
+# "watched"); recent_item_id / recent_title / recent_kind (the recent title the sequence score leans on
+# most); next_item_id / next_title (the recent title whose "watched next" chain favours the item);
+# session_genre; profile_genre; pop_recent (bool); context_key; mood.
+Facts = dict
 
 
-def _text(signal: str, f: ReasonInputs) -> tuple[str, int] | None:
+def _text(signal: str, f: Facts) -> tuple[str, int] | None:
     if signal == "sequence":
-        if not f.recent_item_id:
-            return None
-        return f"Because you just {f.recent_kind} {f.recent_title}", f.recent_item_id
+        rid = f.get("recent_item_id", 0)
+        return (f"Because you just {f.get('recent_kind', 'watched')} {f['recent_title']}", rid) if rid else None
     if signal == "next":
-        if not f.next_item_id:
-            return None
-        return f"Viewers often watch this after {f.next_title}", f.next_item_id
+        nid = f.get("next_item_id", 0)
+        return (f"Viewers often watch this after {f['next_title']}", nid) if nid else None
     if signal == "collaborative":
-        if not f.because_item_id:
-            return None
-        return f"Because you {f.because_kind} {f.because_title}", f.because_item_id
+        bid = f.get("because_item_id", 0)
+        return (f"Because you {f.get('because_kind', 'watched')} {f['because_title']}", bid) if bid else None
     if signal == "session":
-        return (f"Fits what you're watching now: {f.session_genre}", 0) if f.session_genre else None
+        g = f.get("session_genre")
+        return (f"Fits what you're watching now: {g}", 0) if g else None
     if signal == "content":
-        return (f"You like {f.profile_genre}", 0) if f.profile_genre else None
+        g = f.get("profile_genre")
+        return (f"You like {g}", 0) if g else None
     if signal == "popularity":
-        return ("Popular right now" if f.pop_recent else "Popular with viewers"), 0
+        return ("Popular right now" if f.get("pop_recent") else "Popular with viewers"), 0
     if signal == "context":
-        text = CONTEXT_REASON_TEXT.get(f.context_key)
+        text = CONTEXT_REASON_TEXT.get(f.get("context_key", ""))
         return (text, 0) if text else None
     if signal == "affect":
-        return (f"Matches the room's mood: {f.mood}", 0) if f.mood else None
+        m = f.get("mood")
+        return (f"Matches the room's mood: {m}", 0) if m else None
     return None
 
 
-def build_reasons(contributions: dict[str, float], facts: ReasonInputs) -> list[Reason]:
-    """Reasons from the item's top positive contributions (never empty)."""
-    ranked = sorted(contributions.items(), key=lambda kv: kv[1], reverse=True)
-    top = ranked[0][1] if ranked else 0.0
+def build_reasons(values: Sequence[float], facts: Facts) -> list[Reason]:
+    """Reasons from the item's top positive contributions (`values` in SIGNALS order; never empty)."""
+    order = sorted(range(len(SIGNALS)), key=values.__getitem__, reverse=True)  # stable: ties keep SIGNALS order
+    top = values[order[0]]
     out: list[Reason] = []
-    for signal, value in ranked:
+    for j in order:
+        value = values[j]
         if value < MIN_ABS or value < MIN_SHARE * top or len(out) >= MAX_REASONS:
             break
-        made = _text(signal, facts)
+        made = _text(SIGNALS[j], facts)
         if made is not None and not (made[1] and any(r.because_item_id == made[1] for r in out)):
-            out.append(Reason(made[0], signal, float(value), made[1]))  # one reason per named title
+            out.append(Reason(made[0], SIGNALS[j], float(value), made[1]))  # one reason per named title
     if not out:
         # Strongest positive signal even if small; if none is positive, say it is for variety.
-        for signal, value in ranked:
-            made = _text(signal, facts) if value > 0 else None
+        for j in order:
+            made = _text(SIGNALS[j], facts) if values[j] > 0 else None
             if made is not None:
-                return [Reason(made[0], signal, float(value), made[1])]
-        signal, value = ranked[0] if ranked else ("popularity", 0.0)
-        out.append(Reason("Something different to try", signal, float(value), 0))
+                return [Reason(made[0], SIGNALS[j], float(values[j]), made[1])]
+        out.append(Reason("Something different to try", SIGNALS[order[0]], float(top), 0))
     return out

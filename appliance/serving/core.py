@@ -80,7 +80,6 @@ class ApplianceCore:
         self.catalog = Catalog.from_rows([_catalog_row(r) for r in store.catalog_rows()])
         self.ranker = Ranker(self.bundle, self.catalog, affect_weight=cfg.ranking.affect_weight,
                              diversity=cfg.ranking.diversity, affect_stale_s=cfg.ranking.affect_stale_s)
-        self._row_lut = _row_lookup(self.catalog.ids)
         self.counters = CoreCounters()
         self.vision = VisionView()
         self._consent: dict[str, bool] = {}
@@ -127,14 +126,8 @@ class ApplianceCore:
                  len(self._profiles), len(self._sessions), n, (time.perf_counter() - t0) * 1e3)
 
     def catalog_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Catalog.index_of by a dense table (one gather instead of a binary search per id)."""
-        lut = self._row_lut
-        if lut is None:
-            return self.catalog.index_of(ids)
-        inside = (ids >= 0) & (ids < len(lut))
-        rows = np.where(inside, lut[np.where(inside, ids, 0)], -1)
-        known = rows >= 0
-        return np.where(known, rows, 0).astype(np.int64), known
+        """Catalog rows of `ids` and which are known (Catalog.index_of: one gather from a dense table)."""
+        return self.catalog.index_of(ids)
 
     # -- sessions & consent ---------------------------------------------------------------------
     def start_session(self, profile_id: str, device: int) -> str:
@@ -310,7 +303,7 @@ class ApplianceCore:
             self._consent.pop(profile_id, None)
             gone = [s for s, live in self._sessions.items() if live.profile_id == profile_id]
             for sid in gone:
-                del self._sessions[sid]
+                self._sessions.pop(sid).state.ranker_cache = None  # a Rank still running keeps only its copy
             self.rank_cache.drop(gone)
             self._consent_epoch += 1
             self._purge_affect_if_unconsented()
@@ -321,15 +314,6 @@ class ApplianceCore:
 
         return {"appliance": __version__, "ranker_bundle": self.bundle.version,
                 "onnxruntime": onnxruntime.__version__, "vision_model": self.vision.model_version}
-
-
-def _row_lookup(ids: np.ndarray, max_bytes: int = 16 << 20) -> np.ndarray | None:
-    """item id -> catalog row (-1: none) as a dense int32 table, when the ids are small enough for one."""
-    if len(ids) == 0 or int(ids.max()) * 4 > max_bytes or int(ids.min()) < 0:
-        return None
-    lut = np.full(int(ids.max()) + 1, -1, dtype=np.int32)
-    lut[ids] = np.arange(len(ids), dtype=np.int32)
-    return lut
 
 
 def _catalog_row(r: tuple) -> CatalogRow:

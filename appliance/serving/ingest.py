@@ -283,6 +283,7 @@ class EventWriter:
                 for p in group:
                     if p.error is None:
                         p.error = exc
+            self._prepare_rankings(group)
             dt = time.perf_counter() - t0
             with self._cv:
                 self.queued_events -= n
@@ -293,6 +294,22 @@ class EventWriter:
                 self.rate_eps = inst if self.rate_eps <= 0 else 0.8 * self.rate_eps + 0.2 * inst
             for p in group:
                 p.done.set()
+
+    def _prepare_rankings(self, group: list[_Pending]) -> None:
+        """Before the acks: derive each touched session's ranking state (Ranker.prepare: the sequence
+        encoder, taste and per-title terms), so the Rank that follows an event pays nothing for it."""
+        done: set[int] = set()
+        sessions, profiles = self.core._sessions, self.core._profiles
+        for p in group:
+            live = p.live
+            if (p.error is not None or id(live) in done or sessions.get(p.session_id) is not live
+                    or profiles.get(p.profile_id) is not p.prof):  # ended or forgotten meanwhile: nothing to keep
+                continue
+            done.add(id(live))
+            try:
+                self.core.ranker.prepare(p.prof, live.state)
+            except Exception as exc:  # noqa: BLE001 - the events are durable; the next Rank derives it again
+                log_bug(log, "event writer: preparing the ranking failed", exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cv:

@@ -274,3 +274,29 @@ def test_events_and_ranks_on_two_threads(ranker, catalog, profile, session, tv_e
         stop.set()
         t.join()
     assert not errors and profile.n_events > 0
+
+
+def test_prepared_state_ranks_exactly_like_a_fresh_derivation(ranker, catalog):
+    """Ranker.prepare caches what a Rank derives from the state, keyed by both state versions: a Rank on
+    the prepared state equals one derived from scratch, and any event invalidates the cache."""
+    from appliance.fusion.state import COMPLETE, LIKE, SKIP, ProfileState, SessionState
+
+    rng = np.random.default_rng(5)
+    p, s = ProfileState("h", catalog), SessionState("h", "s", catalog)
+    for t, item in enumerate(rng.choice(catalog.ids, 30, replace=False).tolist()):
+        (p if t % 3 else s).apply_event((COMPLETE, LIKE, SKIP)[t % 3], item, 1_700_000_000_000 + t)
+    ctx = RankContext(device=1, local_hour=21, weekday=4, max_maturity=4)
+    cands = rng.choice(catalog.ids, 800, replace=False)
+    ranker.prepare(p, s)
+    prepared = s.ranker_cache
+    got = ranker.rank(p, s, None, False, ctx, cands, 10, 0)
+    assert s.ranker_cache is prepared
+    s.ranker_cache = None
+    want = ranker.rank(p, s, None, False, ctx, cands, 10, 0)
+    assert [(i.item_id, i.score, [r.text for r in i.reasons]) for i in got.items] == \
+        [(i.item_id, i.score, [r.text for r in i.reasons]) for i in want.items]
+    top = got.items[0].item_id
+    p.apply_event(SKIP, top, 1_800_000_000_000)
+    s.apply_event(SKIP, top, 1_800_000_000_000)
+    assert top not in [i.item_id for i in ranker.rank(p, s, None, False, ctx, cands, 10, 0).items]
+    assert s.ranker_cache[1:3] == (p.version, s.version)

@@ -15,8 +15,9 @@ from appliance.serving.process import RankerProcess
 from appliance.serving.rankpath import decode_packed_int64
 from appliance.v1 import events_pb2
 
-PLAY, SKIP, DISLIKE, BROWSE = (events_pb2.EVENT_TYPE_PLAY, events_pb2.EVENT_TYPE_SKIP, events_pb2.EVENT_TYPE_DISLIKE,
-                               events_pb2.EVENT_TYPE_BROWSE)
+PLAY, SKIP, DISLIKE, BROWSE, LIKE = (events_pb2.EVENT_TYPE_PLAY, events_pb2.EVENT_TYPE_SKIP,
+                                     events_pb2.EVENT_TYPE_DISLIKE, events_pb2.EVENT_TYPE_BROWSE,
+                                     events_pb2.EVENT_TYPE_LIKE)
 
 
 def _ids(ranker: RankerProcess, n: int, seed: int = 0) -> list[int]:
@@ -214,3 +215,31 @@ def test_column_decoder_equals_the_message_parser(n):
     for name in ("types", "item_ids", "client_time_ms", "values"):
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
     assert fast.session_id == slow.session_id == "a" * 32
+
+
+def test_the_ranking_state_is_prepared_before_the_ack(ranker, client):
+    """The event path derives the session's ranking state before acknowledging, so the Rank that follows
+    an event finds it ready (tagged with the versions the event produced) instead of paying for it."""
+    sid = client.start_session("prep")
+    items = _ids(ranker, 3, seed=9)
+    client.send_events(sid, [(DISLIKE, items[0]), (LIKE, items[1]), (LIKE, items[2])])
+    live = ranker.core._sessions[sid]
+    prof = ranker.core._profiles[live.profile_id]
+    cached = live.state.ranker_cache
+    assert cached is not None and cached[0] is ranker.core.ranker
+    assert (cached[1], cached[2]) == (prof.version, live.state.version)
+    derived = cached[3]
+    assert set(derived.pitems) == {items[1], items[2]}
+    rows, known = ranker.core.catalog.index_of(np.array([items[0]]))
+    assert known[0] and rows[0] in set(derived.excl_rows.tolist())  # the disliked title is left out
+    client.rank(sid, k=10)
+    assert live.state.ranker_cache is cached  # the Rank used it as it was
+
+
+def test_forget_drops_the_prepared_ranking_state(ranker, client):
+    sid = client.start_session("forget-prep")
+    client.send_events(sid, [(LIKE, _ids(ranker, 1, seed=3)[0])])
+    state = ranker.core._sessions[sid].state
+    assert state.ranker_cache is not None
+    client.forget("forget-prep")
+    assert state.ranker_cache is None
