@@ -117,7 +117,7 @@ class RankContext:
         return cls(device=int(device), local_hour=t.hour, weekday=t.weekday(), max_maturity=int(max_maturity))
 
 
-@dataclass
+@dataclass(slots=True)
 class RankedItem:
     item_id: int
     title: str
@@ -414,22 +414,25 @@ class Ranker:
         if self.diversity <= 0 or pool_n <= 1:
             head = pool
         else:
-            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. With
-            # B[j] = (1 - lam) rel - lam sim[j], the value after some picks is min over them of B[j] (times
-            # a negative constant max turns into min, and float rounding is monotone, so this is exact).
+            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. The value
+            # after some picks is the min over them of (1 - lam) rel - lam sim[j] (a negative constant times a
+            # max is a min of the products; float rounding is monotone), so each pick costs one mat-vec and
+            # one element-wise min. (Mat-vecs, not one pool x pool product: BLAS threads a product.)
             s = score[pool]
             rel = (s - s.min()) / max(float(s.max() - s.min()), 1e-9)
             Mp = self._M[rows[pool]]
-            lam = self.diversity
-            base = ((1 - lam) * rel).astype(np.float32)
-            B = (Mp @ Mp.T) * np.float32(-lam)
-            B += base
+            neg_lam = np.float32(-self.diversity)
+            base = ((1 - self.diversity) * rel).astype(np.float32)
             val = base.copy()
+            b = np.empty(pool_n, dtype=np.float32)
             picked = []
             for _ in range(min(want, pool_n)):
                 j = int(val.argmax())
                 picked.append(j)
-                np.minimum(val, B[j], out=val)
+                np.matmul(Mp, Mp[j], out=b)
+                b *= neg_lam
+                b += base
+                np.minimum(val, b, out=val)
                 val[j] = -np.inf
             head = pool[picked]
         if want <= len(head):
@@ -587,6 +590,7 @@ class Ranker:
                 facts[i]["context_key"] = ctx_keys[ctx_best[i]]
         pop_recent = self.pop_recent[top].tolist()
         Tl = T.T.tolist()
+        orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
         sc = score[order].tolist()
         out = []
         for i, r in enumerate(top.tolist()):
@@ -594,5 +598,5 @@ class Ranker:
             f["pop_recent"] = pop_recent[i]
             f["mood"] = mood
             out.append(RankedItem(int(cat_ids[r]), titles[r], sc[i], dict(zip(SIGNALS, Tl[i])),
-                                  build_reasons(Tl[i], f)))
+                                  build_reasons(Tl[i], f, orders[i])))
         return out

@@ -20,7 +20,7 @@ MIN_SHARE = 0.2
 MAX_REASONS = 3
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reason:
     text: str
     signal: str
@@ -36,49 +36,72 @@ class Reason:
 Facts = dict
 
 
-def _text(signal: str, f: Facts) -> tuple[str, int] | None:
-    if signal == "sequence":
-        rid = f.get("recent_item_id", 0)
-        return (f"Because you just {f.get('recent_kind', 'watched')} {f['recent_title']}", rid) if rid else None
-    if signal == "next":
-        nid = f.get("next_item_id", 0)
-        return (f"Viewers often watch this after {f['next_title']}", nid) if nid else None
-    if signal == "collaborative":
-        bid = f.get("because_item_id", 0)
-        return (f"Because you {f.get('because_kind', 'watched')} {f['because_title']}", bid) if bid else None
-    if signal == "session":
-        g = f.get("session_genre")
-        return (f"Fits what you're watching now: {g}", 0) if g else None
-    if signal == "content":
-        g = f.get("profile_genre")
-        return (f"You like {g}", 0) if g else None
-    if signal == "popularity":
-        return ("Popular right now" if f.get("pop_recent") else "Popular with viewers"), 0
-    if signal == "context":
-        text = CONTEXT_REASON_TEXT.get(f.get("context_key", ""))
-        return (text, 0) if text else None
-    if signal == "affect":
-        m = f.get("mood")
-        return (f"Matches the room's mood: {m}", 0) if m else None
-    return None
+def _sequence(f: Facts) -> tuple[str, int] | None:
+    rid = f.get("recent_item_id", 0)
+    return (f"Because you just {f.get('recent_kind', 'watched')} {f['recent_title']}", rid) if rid else None
 
 
-def build_reasons(values: Sequence[float], facts: Facts) -> list[Reason]:
-    """Reasons from the item's top positive contributions (`values` in SIGNALS order; never empty)."""
-    order = sorted(range(len(SIGNALS)), key=values.__getitem__, reverse=True)  # stable: ties keep SIGNALS order
+def _next(f: Facts) -> tuple[str, int] | None:
+    nid = f.get("next_item_id", 0)
+    return (f"Viewers often watch this after {f['next_title']}", nid) if nid else None
+
+
+def _collaborative(f: Facts) -> tuple[str, int] | None:
+    bid = f.get("because_item_id", 0)
+    return (f"Because you {f.get('because_kind', 'watched')} {f['because_title']}", bid) if bid else None
+
+
+def _session(f: Facts) -> tuple[str, int] | None:
+    g = f.get("session_genre")
+    return (f"Fits what you're watching now: {g}", 0) if g else None
+
+
+def _content(f: Facts) -> tuple[str, int] | None:
+    g = f.get("profile_genre")
+    return (f"You like {g}", 0) if g else None
+
+
+def _popularity(f: Facts) -> tuple[str, int] | None:
+    return ("Popular right now" if f.get("pop_recent") else "Popular with viewers"), 0
+
+
+def _context(f: Facts) -> tuple[str, int] | None:
+    text = CONTEXT_REASON_TEXT.get(f.get("context_key", ""))
+    return (text, 0) if text else None
+
+
+def _affect(f: Facts) -> tuple[str, int] | None:
+    m = f.get("mood")
+    return (f"Matches the room's mood: {m}", 0) if m else None
+
+
+_TEXTS = {"sequence": _sequence, "next": _next, "collaborative": _collaborative, "session": _session,
+          "content": _content, "popularity": _popularity, "context": _context, "affect": _affect}
+_TEXT = tuple(_TEXTS[s] for s in SIGNALS)  # by signal index: (text, named title id) or None when unknown
+
+
+
+
+def build_reasons(values: Sequence[float], facts: Facts, order: Sequence[int] | None = None) -> list[Reason]:
+    """Reasons from the item's top positive contributions (`values` in SIGNALS order; never empty).
+    `order`: the signals by value, descending, ties in SIGNALS order (the ranker passes it, computed for
+    all returned items at once)."""
+    if order is None:
+        order = sorted(range(len(SIGNALS)), key=values.__getitem__, reverse=True)  # stable, like argsort
     top = values[order[0]]
+    floor = max(MIN_ABS, MIN_SHARE * top)
     out: list[Reason] = []
     for j in order:
         value = values[j]
-        if value < MIN_ABS or value < MIN_SHARE * top or len(out) >= MAX_REASONS:
+        if value < floor or len(out) >= MAX_REASONS:
             break
-        made = _text(SIGNALS[j], facts)
+        made = _TEXT[j](facts)
         if made is not None and not (made[1] and any(r.because_item_id == made[1] for r in out)):
-            out.append(Reason(made[0], SIGNALS[j], float(value), made[1]))  # one reason per named title
+            out.append(Reason(made[0], SIGNALS[j], value, made[1]))  # one reason per named title
     if not out:
         # Strongest positive signal even if small; if none is positive, say it is for variety.
         for j in order:
-            made = _text(SIGNALS[j], facts) if values[j] > 0 else None
+            made = _TEXT[j](facts) if values[j] > 0 else None
             if made is not None:
                 return [Reason(made[0], SIGNALS[j], float(values[j]), made[1])]
         out.append(Reason("Something different to try", SIGNALS[order[0]], float(top), 0))
