@@ -27,10 +27,18 @@ from appliance.v1 import (
 class ApplianceClient:
     """Stubs over one channel. `target` is `unix:/path` or `host:port`; `token` for TCP."""
 
-    def __init__(self, target: str, token: str | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, target: str, token: str | None = None, max_message_bytes: int = 64 * 1024 * 1024,
+                 tls: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """`tls`: (server CA, client certificate chain, client key) as PEM bytes, for a box that serves TCP
+        with mutual TLS."""
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=opts)
+        if tls is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls[0], certificate_chain=tls[1],
+                                                 private_key=tls[2])
+            self.channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(target, options=opts)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.ranker = ranker_pb2_grpc.RankerStub(self.channel)
         self.events = events_pb2_grpc.EventsStub(self.channel)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +14,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    import onnxruntime as ort
+    from appliance.ops.host import describe
 
-    from appliance import __version__
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"host_cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "appliance": __version__, "onnxruntime": ort.__version__,
-            "providers": ort.get_available_providers(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return describe()
 
 
 def percentiles(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
@@ -57,3 +43,79 @@ def peak_rss_mb(pid: int | None = None) -> float:
         return round(p.memory_full_info().uss / 2**20, 1)
     except (psutil.AccessDenied, AttributeError):
         return round(p.memory_info().rss / 2**20, 1)
+
+
+class RankerWorker:
+    """`appliance worker ranker` (exactly what the supervisor starts) on a fresh data dir, for the serving
+    benchmarks: `with RankerWorker("rank") as w:` starts it and waits until it answers; `w.sock`,
+    `w.server` (psutil process), `w.ids` (catalog ids), `w.cfg`, `w.db_path`. `stop()` may be called
+    inside the block (to read the database after a clean shutdown); the directory goes on exit, and
+    `log_tail` keeps the end of the server's stderr."""
+
+    def __init__(self, name: str, serving: dict[str, Any] | None = None, stop_timeout_s: float = 15.0) -> None:
+        import tempfile
+
+        from appliance.config import default_config
+
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir="/tmp"))
+        self.cfg = default_config().with_overrides(run_dir=str(self.tmp / "run"), data_dir=str(self.tmp / "data"),
+                                                   metrics={"ranker_port": 0}, serving=serving or {})
+        self.sock = self.cfg.path(self.cfg.serving.unix_socket)
+        self.db_path = self.cfg.path(self.cfg.store.db_path)
+        self.stop_timeout_s = stop_timeout_s
+        self.log_tail = ""
+        self._proc = None
+        self._log = None
+
+    def __enter__(self) -> RankerWorker:
+        import sqlite3
+        import subprocess
+        import sys
+
+        from appliance.client import ApplianceClient
+
+        cfg_path = self.tmp / "config.json"
+        cfg_path.write_text(self.cfg.model_dump_json())
+        self._log = open(self.tmp / "ranker.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "worker", "ranker", "--config-json", str(cfg_path)],
+            stdout=subprocess.DEVNULL, stderr=self._log, cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "APPLIANCE_LOG_LEVEL": "WARNING"})
+        try:
+            c = ApplianceClient(f"unix:{self.sock}")
+            c.wait_ready(60)
+            c.close()
+            self.server = psutil.Process(self._proc.pid)
+            db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+            self.ids = np.array([r[0] for r in db.execute("SELECT item_id FROM catalog")], dtype=np.int64)
+            db.close()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+            self.log_tail = (self.tmp / "ranker.log").read_text(errors="replace")[-3000:]
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -19,11 +19,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,7 +28,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import machine, percentiles, write_results
+from bench.common import RankerWorker, machine, percentiles, write_results
 from bench.rank import CDF_POINTS, line_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,27 +142,11 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     from appliance.client import ApplianceClient
-    from appliance.config import default_config
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir="/tmp"))
-    cfg = default_config().with_overrides(
-        run_dir=str(tmp / "run"), data_dir=str(tmp / "data"), metrics={"ranker_port": 0},
-        serving={"client_events_per_s": 0, "max_message_bytes": 16 << 20, "max_batch_events": max(args.batch, 1)})
-    cfg_path = tmp / "config.json"
-    cfg_path.write_text(cfg.model_dump_json())
-    log = open(tmp / "ranker.log", "wb")  # noqa: SIM115 - closed in finally
-    env = {**os.environ, "APPLIANCE_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "worker", "ranker", "--config-json", str(cfg_path)],
-                            stdout=subprocess.DEVNULL, stderr=log, cwd=REPO, env=env)
-    sock = cfg.path(cfg.serving.unix_socket)
-    db_path = cfg.path(cfg.store.db_path)
-    try:
+    serving = {"client_events_per_s": 0, "max_message_bytes": 16 << 20, "max_batch_events": max(args.batch, 1)}
+    with RankerWorker("ingest", serving) as w:
+        cfg, sock, server, ids, db_path = w.cfg, w.sock, w.server, w.ids, w.db_path
         client = ApplianceClient(f"unix:{sock}")
-        client.wait_ready(60)
-        server = psutil.Process(proc.pid)
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        ids = np.array([r[0] for r in db.execute("SELECT item_id FROM catalog")], dtype=np.int64)
-        db.close()
         n_sessions = max(args.procs * args.threads, args.single_procs * args.single_threads)
         sessions = [client.start_session(f"bench{i % 4}") for i in range(n_sessions)]
         rss_start = server.memory_info().rss / 2**20
@@ -182,20 +162,12 @@ def main(argv: list[str]) -> int:
         client.send_events(sid, [(5, int(ids[0]))])
         visible_ms = (time.perf_counter() - t0) * 1e3
         client.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    stored = int(db.execute("SELECT COALESCE(SUM(n), 0) FROM event_batches").fetchone()[0])
-    db_mb = os.path.getsize(db_path) / 2**20
-    db.close()
-    server_log = (tmp / "ranker.log").read_text(errors="replace")[-2000:]
-    shutil.rmtree(tmp, ignore_errors=True)
+        w.stop()  # a clean shutdown, then count what the database holds
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        stored = int(db.execute("SELECT COALESCE(SUM(n), 0) FROM event_batches").fetchone()[0])
+        db_mb = os.path.getsize(db_path) / 2**20
+        db.close()
+        server_log = w.log_tail[-2000:]
     acked_total = batched["acked_events"] + single["acked_events"]
     result: dict[str, Any] = {
         "benchmark": "ingest", "machine": machine(),

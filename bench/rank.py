@@ -16,12 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import shutil
-import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +23,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import machine, percentiles, write_results
+from bench.common import RankerWorker, machine, percentiles, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 CDF_POINTS = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9]
@@ -192,28 +186,13 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     from appliance.client import ApplianceClient
-    from appliance.config import default_config
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rank-", dir="/tmp"))
     serving: dict[str, Any] = {}
     if args.server:
         serving["server"] = args.server
-    cfg = default_config().with_overrides(run_dir=str(tmp / "run"), data_dir=str(tmp / "data"),
-                                          metrics={"ranker_port": 0}, serving=serving)
-    cfg_path = tmp / "config.json"
-    cfg_path.write_text(cfg.model_dump_json())
-    log = open(tmp / "ranker.log", "wb")  # noqa: SIM115 - closed in finally
-    env = {**os.environ, "APPLIANCE_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "worker", "ranker", "--config-json", str(cfg_path)],
-                            stdout=subprocess.DEVNULL, stderr=log, cwd=REPO, env=env)
-    sock = cfg.path(cfg.serving.unix_socket)
-    try:
+    with RankerWorker("rank", serving, stop_timeout_s=10) as w:
+        cfg, sock, server, ids = w.cfg, w.sock, w.server, w.ids
         client = ApplianceClient(f"unix:{sock}")
-        client.wait_ready(60)
-        server = psutil.Process(proc.pid)
-        db = sqlite3.connect(f"file:{cfg.path(cfg.store.db_path)}?mode=ro", uri=True)
-        ids = np.array([r[0] for r in db.execute("SELECT item_id FROM catalog")], dtype=np.int64)
-        db.close()
         session = _seed(client, ids, np.random.default_rng(7))
         rss_start = server.memory_info().rss / 2**20
         ctx = mp.get_context("spawn")
@@ -226,16 +205,8 @@ def main(argv: list[str]) -> int:
                 levels[f"{pattern}/{n}"] = _run_level(ctx, sock, session, ids, n, calls, args, server)
         rss_end = server.memory_info().rss / 2**20
         client.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-    server_log = (tmp / "ranker.log").read_text(errors="replace")[-2000:]
-    shutil.rmtree(tmp, ignore_errors=True)
+        w.stop()
+        server_log = w.log_tail[-2000:]
 
     head = levels.get("fresh/1") or next(iter(levels.values()))
     result: dict[str, Any] = {

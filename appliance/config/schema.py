@@ -71,9 +71,13 @@ class ServingConfig(StrictModel):
     socket_mode: int = Field(0o660, ge=0, le=0o777)
     socket_group: str | None = Field(None, description="group (name or gid) that owns the Unix socket: its "
                                      "members (the player's user) may connect, nobody else (mode 0660)")
-    tcp_port: int | None = Field(None, ge=1, le=65535, description="off by default; needs a token")
+    tcp_port: int | None = Field(None, ge=1, le=65535, description="off by default; needs a token, mTLS or both")
     tcp_host: str = "127.0.0.1"
     token_env: str = Field("APPLIANCE_TOKEN", description="environment variable that holds the TCP token")
+    tls_cert: str | None = Field(None, description="PEM certificate chain of this box's TCP server (mTLS)")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: str | None = Field(None, description="PEM CA bundle: TCP clients must present a certificate "
+                                      "it signed (mutual TLS)")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_k: int = Field(100, ge=1, le=1000)
     max_candidates: int = Field(10_000, ge=1, le=100_000)
@@ -93,12 +97,21 @@ class ServingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _tcp_needs_auth(self) -> ServingConfig:
+        tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if any(tls) and not all(tls):
+            raise ValueError("tls_cert, tls_key and tls_client_ca go together (mutual TLS needs all three)")
         return self
+
+    @property
+    def mtls(self) -> bool:
+        return self.tls_cert is not None
 
 
 class StoreConfig(StrictModel):
     db_path: str = Field("{data_dir}/appliance.db")
-    event_retention_days: int = Field(90, ge=1, le=3650)
+    event_retention_days: int = Field(90, ge=1, le=3650, description="events older than this are deleted (at "
+                                      "start and every retention_sweep_s); the profile is rebuilt without them")
+    retention_sweep_s: float = Field(3600.0, gt=0, le=86_400, description="how often retention is enforced")
 
 
 class RankingConfig(StrictModel):

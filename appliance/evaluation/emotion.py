@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,18 +300,11 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime as ort
+    from appliance.ops.host import describe
 
-    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    d = describe()
+    return {"cpu": d["host_cpu"], "cores": d["cores"], "python": d["python"], "onnxruntime": d["onnxruntime"],
+            "time_utc": d["time_utc"]}
 
 
 # -- command ------------------------------------------------------------------------------------------

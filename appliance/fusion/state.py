@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -96,6 +96,66 @@ def _update_positives(pos: OrderedDict[int, Positive], event_type: int, item_id:
         pos.pop(item_id, None)
 
 
+class TitleSet:
+    """A set of catalog titles kept as one bool per catalog row.
+
+    Memory is fixed by the catalog, not by the history: a household that has watched the whole catalog
+    costs what a new one costs (a Python set of ids grew by ~60 bytes per title and was most of the
+    ranker's memory growth in the soak). The ranker ORs the masks instead of mapping ids to rows. Titles
+    not in the catalog are not kept: they can never be ranked, and a catalog change rebuilds the states
+    by replay. Iteration yields ids in catalog order (ascending)."""
+
+    __slots__ = ("_catalog", "mask")
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        self.mask = np.zeros(len(catalog), dtype=bool)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    def add(self, item_id: int) -> None:
+        r = self._catalog.row_of(item_id)
+        if r is not None:
+            self.mask[r] = True
+
+    def discard(self, item_id: int) -> None:
+        r = self._catalog.row_of(item_id)
+        if r is not None:
+            self.mask[r] = False
+
+    def _rows(self, item_ids: Iterable[int]) -> np.ndarray:
+        ids = np.asarray(item_ids if isinstance(item_ids, np.ndarray) else list(item_ids), dtype=np.int64)
+        rows, known = self._catalog.index_of(ids)
+        return rows[known]
+
+    def update(self, item_ids: Iterable[int]) -> None:
+        self.mask[self._rows(item_ids)] = True
+
+    def difference_update(self, item_ids: Iterable[int]) -> None:
+        self.mask[self._rows(item_ids)] = False
+
+    def clear(self) -> None:
+        self.mask[:] = False
+
+    def __contains__(self, item_id: object) -> bool:
+        r = self._catalog.row_of(item_id) if isinstance(item_id, (int, np.integer)) else None
+        return r is not None and bool(self.mask[r])
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._catalog.ids[self.mask].tolist())
+
+    def __or__(self, other: Iterable[int]) -> set[int]:
+        return set(self) | set(other)
+
+    def __repr__(self) -> str:
+        return f"TitleSet({sorted(self)!r})"
+
+
 class ProfileState:
     """Long-lived household-profile state; rebuild with `replay`, erase with `forget`."""
 
@@ -103,10 +163,10 @@ class ProfileState:
         self.profile_id = profile_id
         self._catalog = catalog
         self.genre_affinity = np.zeros(len(catalog.genre_names), dtype=np.float32)
-        self.watched: set[int] = set()
-        self.completed: set[int] = set()
-        self.liked: set[int] = set()
-        self.disliked: set[int] = set()
+        self.watched = TitleSet(catalog)
+        self.completed = TitleSet(catalog)
+        self.liked = TitleSet(catalog)
+        self.disliked = TitleSet(catalog)
         self.positives: OrderedDict[int, Positive] = OrderedDict()
         self.recent_items: deque[int] = deque(maxlen=MAX_SESSION_EVENTS)
         self.n_events = 0
@@ -202,9 +262,9 @@ class SessionState:
         self.events: deque[tuple[int, int, int, float]] = deque(maxlen=MAX_SESSION_EVENTS)
         self.genre_affinity = np.zeros(len(catalog.genre_names), dtype=np.float32)
         self.positives: OrderedDict[int, Positive] = OrderedDict()
-        self.skipped: set[int] = set()
-        self.disliked: set[int] = set()
-        self.completed: set[int] = set()
+        self.skipped = TitleSet(catalog)
+        self.disliked = TitleSet(catalog)
+        self.completed = TitleSet(catalog)
         self.last_item = 0
         self.last_ts_ms = 0
         self.version = 0
@@ -248,7 +308,7 @@ class SessionState:
     def excluded(self) -> set[int]:
         """Titles not to offer again in this session."""
         with self.lock:
-            return self.skipped | self.disliked | self.completed
+            return set(self.skipped) | set(self.disliked) | set(self.completed)
 
 
 @dataclass(frozen=True)

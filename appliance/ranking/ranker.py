@@ -60,7 +60,7 @@ from appliance.ranking.reasons import SIGNALS, Reason, build_reasons
 
 if TYPE_CHECKING:
     from appliance.config.schema import RankingConfig
-    from appliance.fusion.state import AffectState, ProfileState, SessionState
+    from appliance.fusion.state import AffectState, ProfileState, SessionState, TitleSet
 
 MMR_POOL = 100
 _SEQ, _NEXT, _CF, _SESSION, _CONTENT, _POP, _CTX, _AFFECT = (SIGNALS.index(n) for n in (
@@ -141,8 +141,8 @@ class RankResult:
 @dataclass
 class _StateView:
     history: list[int]          # positive titles, oldest first (profile, then session-only ones)
-    excluded: set[int]
-    disliked: set[int]
+    excluded: np.ndarray        # catalog-sized bool masks (TitleSet masks OR-ed)
+    disliked: np.ndarray
     profile_pos: list
     session_pos: list
     profile_aff: np.ndarray
@@ -164,8 +164,12 @@ class _Derived:
     next_vec: np.ndarray | None     # catalog-sized "watched next" scores (None: no chain or no history)
     next_recent: np.ndarray | None  # the recent catalog rows it used, newest first
     kinds: dict                     # item id -> Positive, for "Because you just watched/liked X"
-    base: np.ndarray                # [signals, catalog]: every state-only term of every title (sequence
-                                    # and next raw, z-scored over the candidates at Rank time)
+    base: np.ndarray                # [3, catalog]: per title the raw sequence and "next" scores (z-scored
+                                    # over the candidates at Rank time) and the sum of the other state terms
+    taste: np.ndarray | None        # w_cf * unit taste vector (to split the sum again for the top k)
+    session_w: np.ndarray           # w_s * session affinity, w_c * profile affinity (genre space)
+    content_w: np.ndarray
+    w_pop: float                    # popularity weight incl. the cold-start share
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -289,23 +293,33 @@ class Ranker:
             if session.positives:
                 seen = profile.positives
                 hist += [i for i in session.positives if i not in seen]
+            m = self._mask
             return _StateView(
                 history=hist,
-                excluded=profile.completed | profile.disliked | session.skipped | session.disliked
-                | session.completed,
-                disliked=profile.disliked | session.disliked,
+                excluded=m(profile.completed) | m(profile.disliked) | m(session.skipped) | m(session.disliked)
+                | m(session.completed),
+                disliked=m(profile.disliked) | m(session.disliked),
                 profile_pos=list(profile.positives.items()),
                 session_pos=list(session.positives.items()),
                 profile_aff=profile.genre_affinity.copy(),
                 session_aff=session.genre_affinity.copy(),
             ), profile.version, session.version
 
+    def _mask(self, titles: TitleSet) -> np.ndarray:
+        """A state's title set as a mask over this ranker's catalog rows (its own mask when the state was
+        built on this catalog, as on the box)."""
+        if titles.catalog is self.catalog:
+            return titles.mask
+        mask = np.zeros(len(self.catalog), dtype=bool)
+        ids = list(titles)
+        if ids:
+            r, kn = self.catalog.index_of(np.asarray(ids, dtype=np.int64))
+            mask[r[kn]] = True
+        return mask
+
     def _derive(self, st: _StateView) -> _Derived:
         w = self.w
-        excl = None
-        if st.excluded:
-            r, kn = self.catalog.index_of(np.fromiter(st.excluded, dtype=np.int64, count=len(st.excluded)))
-            excl = r[kn]
+        excl = np.flatnonzero(st.excluded) if st.excluded.any() else None
         prow, pw, pitems, pkinds = self._positives(st)
         taste = None
         if len(prow) and w.collaborative:
@@ -337,19 +351,26 @@ class Ranker:
         kinds = dict(st.profile_pos)
         kinds.update(dict(st.session_pos))
         w_pop = w.popularity + w.popularity_cold * cold
-        base = np.zeros((len(SIGNALS), len(self.catalog)), dtype=np.float32)
+        # Three rows per title (~12 bytes x catalog per session): the two terms that are z-scored over each
+        # request's candidates, and the sum of the rest. The top k's split of that sum is recomputed.
+        base = np.empty((3, len(self.catalog)), dtype=np.float32)
         if seq_q is not None:
-            np.matmul(self.S, seq_q, out=base[_SEQ])
+            np.matmul(self.S, seq_q, out=base[0])
+        else:
+            base[0] = 0.0
         if next_vec is not None:
-            base[_NEXT] = next_vec
+            base[1] = next_vec
+        else:
+            base[1] = 0.0
+        session_w = (w.session * s_hat).astype(np.float32)
+        content_w = (w.content * p_hat).astype(np.float32)
+        np.matmul(self.Gs, session_w + content_w, out=base[2])
         if taste is not None:
-            np.matmul(self.F, taste, out=base[_CF])
-        np.matmul(self.Gs, (w.session * s_hat).astype(np.float32), out=base[_SESSION])
-        np.matmul(self.Gs, (w.content * p_hat).astype(np.float32), out=base[_CONTENT])
+            base[2] += self.F @ taste
         if w_pop:
-            np.multiply(self.pop_z, w_pop, out=base[_POP])
+            base[2] += self.pop_z * np.float32(w_pop)
         return _Derived(excl, prow, pw, pitems, pkinds, s_hat, p_hat, seq_q, seq_recent,
-                        next_vec, next_recent, kinds, base)
+                        next_vec, next_recent, kinds, base, taste, session_w, content_w, w_pop)
 
     def _positives(self, st: _StateView) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
         """Catalog rows, weights, ids and kinds of the positive titles, newest counted most: a title in
@@ -372,7 +393,7 @@ class Ranker:
         for i in (sorted(acc) if sources > 1 else acc):
             wv = acc[i]
             r = row_of(i)
-            if r is not None and wv > 0 and i not in disliked:
+            if r is not None and wv > 0 and not disliked[r]:
                 rows.append(r)
                 ws.append(wv)
                 items.append(i)
@@ -461,34 +482,52 @@ class Ranker:
                               (time.perf_counter() - t0) * 1e3)
 
         w = self.w
-        terms = d.base[:, rows]  # one gather: every state-only term of every candidate
+        B = d.base[:, rows]  # one gather: sequence, next, and the rest of the state terms of every candidate
         seq_recent = None
         if d.seq_q is not None:
             known = self.seq_known[rows]
             nk = int(np.count_nonzero(known))
             if nk:
-                _zscore(terms[_SEQ], known if nk != len(rows) else None, w.sequence, terms[_SEQ])
+                _zscore(B[0], known if nk != len(rows) else None, w.sequence, B[0])
                 seq_recent = d.seq_recent
             else:
-                terms[_SEQ] = 0.0
+                B[0] = 0.0
         nxt = None
-        if d.next_vec is not None and terms[_NEXT].any():
-            _zscore(terms[_NEXT], None, w.next, terms[_NEXT])
+        if d.next_vec is not None and B[1].any():
+            _zscore(B[1], None, w.next, B[1])
             nxt = d.next_recent
+        score = B.sum(axis=0)
         ctx_keys = [key for key in active_context_keys(context.device, context.local_hour, context.weekday)
                     if key in self._ctx_cat]
+        ctx = None
         for key in ctx_keys:
-            terms[_CTX] += self._ctx_cat[key][rows]
+            ctx = self._ctx_cat[key][rows] if ctx is None else ctx + self._ctx_cat[key][rows]
+        if ctx is not None:
+            score += ctx
+        aff = None
         if use_affect:
             strength = (self.affect_weight * max(0.0, 1.0 - age / self.affect_stale_s)
                         * mood_intensity(affect.valence, affect.arousal, affect.engagement))
             mcat = self._mood_cat.get(mood)
             if strength > 0 and mcat is not None:
-                np.multiply(mcat[rows], strength, out=terms[_AFFECT])
-        score = terms.sum(axis=0)
+                aff = mcat[rows] * np.float32(strength)
+                score += aff
 
         order = self._mmr(rows, score, int(k))
-        items = self._explain(rows, order, terms, score, d, ctx_keys, mood, seq_recent, nxt)
+        top = rows[order]
+        T = np.zeros((len(SIGNALS), len(top)), dtype=np.float32)  # every signal's part, for the k shown only
+        T[_SEQ], T[_NEXT] = B[0, order], B[1, order]
+        if d.taste is not None:
+            T[_CF] = self.F[top] @ d.taste
+        G = self.Gs[top]
+        T[_SESSION], T[_CONTENT] = G @ d.session_w, G @ d.content_w
+        if d.w_pop:
+            T[_POP] = self.pop_z[top] * np.float32(d.w_pop)
+        if ctx is not None:
+            T[_CTX] = ctx[order]
+        if aff is not None:
+            T[_AFFECT] = aff[order]
+        items = self._explain(top, T, score[order], d, ctx_keys, mood, seq_recent, nxt)
         return RankResult(items, use_affect, age, mood, self.model_version, unknown, len(rows),
                           (time.perf_counter() - t0) * 1e3)
 
@@ -540,13 +579,11 @@ class Ranker:
             m[k, hit] = vals[a:e][pos[hit]] / (k + 1.0)
         return recent[np.argmax(m, axis=0)]
 
-    def _explain(self, rows: np.ndarray, order: np.ndarray, terms: np.ndarray, score: np.ndarray, d: _Derived,
-                 ctx_keys: list[str], mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None
-                 ) -> list[RankedItem]:
-        """Reasons for the returned items only; each fact is computed only when its signal pushed at
-        least one of them up (that is when a reason can use it)."""
-        top = rows[order]
-        T = terms[:, order]
+    def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
+                 mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list[RankedItem]:
+        """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores);
+        each fact is computed only when its signal pushed at least one of them up (that is when a reason
+        can use it)."""
         pushed = (T > 0).any(axis=1)
         cat_ids, titles = self.catalog.ids, self.catalog.titles
         n = len(top)
@@ -591,7 +628,7 @@ class Ranker:
         pop_recent = self.pop_recent[top].tolist()
         Tl = T.T.tolist()
         orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
-        sc = score[order].tolist()
+        sc = score.tolist()
         out = []
         for i, r in enumerate(top.tolist()):
             f = facts[i]

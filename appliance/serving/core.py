@@ -89,6 +89,10 @@ class ApplianceCore:
         self._affect_purged_ns = 0
         self._consent_epoch = 0
         self.rank_cache = RankCache(cfg.serving.rank_cache_entries)
+        try:  # events past their retention are deleted before anything is replayed from them
+            self.store.purge_before(now_ms() - cfg.store.event_retention_days * 86_400_000)
+        except StoreError as exc:  # a full disk must not stop the box from serving: the sweep retries
+            log.error("retention purge at start failed: %s", exc)
         self._rebuild()
         self.limiter = RateLimiter(cfg.serving.client_events_per_s, cfg.serving.client_burst_events)
         self.writer = EventWriter(self, cfg.serving.ingest_queue_events, cfg.serving.ingest_group_events)
@@ -124,6 +128,29 @@ class ApplianceCore:
             n += len(types)
         log.info("state rebuilt: %d profiles, %d open sessions, %d events in %.0f ms",
                  len(self._profiles), len(self._sessions), n, (time.perf_counter() - t0) * 1e3)
+
+    def enforce_retention(self, now_ms_: int | None = None) -> int:
+        """Delete events older than `store.event_retention_days` and rebuild, in place, the profiles that
+        lost some (the same ProfileState objects: queued events and live sessions keep pointing at them).
+        Returns the number of events deleted."""
+        cutoff = (now_ms() if now_ms_ is None else now_ms_) - self.cfg.store.event_retention_days * 86_400_000
+        with self._lock:  # the event writer cannot commit or apply in between
+            deleted, touched = self.store.purge_before(cutoff)
+            share = self.catalog.genre_share
+            for pid in touched:
+                prof = self._profiles.get(pid)
+                if prof is None:
+                    continue
+                with prof.lock:
+                    prof.forget()
+                    for b in self.store.iter_batches(pid):
+                        rows, known = self.catalog.index_of(b.item_ids)
+                        apply_batch(prof, None, b.types[known], b.item_ids[known], b.client_time_ms[known],
+                                    b.values[known], rows[known], share)
+        if deleted:
+            log.info("retention: %d events older than %d days deleted (%d profiles rebuilt)", deleted,
+                     self.cfg.store.event_retention_days, len(touched))
+        return deleted
 
     def catalog_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Catalog rows of `ids` and which are known (Catalog.index_of: one gather from a dense table)."""

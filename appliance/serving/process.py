@@ -9,6 +9,7 @@ import threading
 from appliance.config import ApplianceConfig
 from appliance.serving.core import ApplianceCore
 from appliance.serving.metrics import RankerMetrics
+from appliance.serving.retention import RetentionSweeper
 from appliance.serving.server import StoreHealthWatch, build_servers
 from appliance.serving.tuning import freeze_heap, tune_for_latency
 from appliance.serving.vision_link import VisionLink
@@ -44,6 +45,7 @@ class RankerProcess:
             self.store.close()
             raise
         self.health_watch = StoreHealthWatch(self.core, self.servers, cfg.serving.health_period_s)
+        self.retention = RetentionSweeper(self.core, cfg.store.retention_sweep_s)
         self.metrics_port: int | None = None
         if cfg.metrics.enabled:
             try:
@@ -53,12 +55,14 @@ class RankerProcess:
                           exc.strerror or exc)
         self.link.start()
         self.health_watch.start()
+        self.retention.start()
         log.info("ranker serving on unix:%s%s (catalog %d titles, bundle %s)", self.servers.unix_socket,
                  f" and tcp:{self.servers.tcp_port}" if self.servers.tcp_port else "",
                  len(self.core.catalog.ids), self.core.bundle.version)
 
     def stop(self) -> None:
         self.health_watch.stop_event.set()
+        self.retention.stop_event.set()
         self.metrics.stop()
         self.servers.stop(grace=1.0)
         self.link.stop()

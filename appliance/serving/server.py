@@ -1,4 +1,5 @@
-"""Build the gRPC servers: Unix socket (default, 0660) and, only when configured, TCP with a token.
+"""Build the gRPC servers: Unix socket (default, 0660) and, only when configured, TCP with a token and/or
+mutual TLS (a client certificate signed by `serving.tls_client_ca`); TCP with neither refuses to start.
 
 Handlers are built from the services' descriptors (`service_handler`), not the generated `add_*` helpers:
 requests are decoded by a parser that never raises (grpcio answers INTERNAL when a deserializer raises;
@@ -208,17 +209,34 @@ def _give_group_access(sock: str, group: str) -> None:
         os.chmod(d, (stat.S_IMODE(st.st_mode) | stat.S_IXGRP) & ~stat.S_IWGRP)
 
 
+def _mtls_credentials(cfg: ApplianceConfig) -> grpc.ServerCredentials:
+    """Server credentials that require a client certificate signed by `serving.tls_client_ca`."""
+    s = cfg.serving
+    pem = {}
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = cfg.path(getattr(s, name))
+        try:
+            with open(path, "rb") as fh:
+                pem[name] = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"serving.{name}: cannot read {path}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])], root_certificates=pem["tls_client_ca"],
+                                       require_client_auth=True)
+
+
 def build_servers(cfg: ApplianceConfig, core: ApplianceCore, on_consent_change=None,
                   metrics: RankerMetrics | None = None) -> Servers:
     """Create, bind and start the servers; health starts SERVING."""
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(1))
-    token = None
+    token, tls = None, None
     if cfg.serving.tcp_port is not None:
-        token = os.environ.get(cfg.serving.token_env, "")
-        if not token:
-            raise ConfigError(f"serving.tcp_port is set but ${cfg.serving.token_env} is empty: "
-                              "TCP is only served with a token")
+        token = os.environ.get(cfg.serving.token_env, "") or None
+        tls = _mtls_credentials(cfg) if cfg.serving.mtls else None
+        if token is None and tls is None:
+            raise ConfigError(f"serving.tcp_port is set but ${cfg.serving.token_env} is empty and no mutual TLS "
+                              "is configured (serving.tls_cert/tls_key/tls_client_ca): TCP is only served "
+                              "with a token or mTLS")
 
     def make(interceptors: list[grpc.ServerInterceptor]) -> grpc.Server:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.serving.workers,
@@ -255,9 +273,10 @@ def build_servers(cfg: ApplianceConfig, core: ApplianceCore, on_consent_change=N
         os.chmod(sock, cfg.serving.socket_mode)
         if cfg.serving.socket_group:
             _give_group_access(sock, cfg.serving.socket_group)
-        if token is not None:
-            tcp_server = make([TokenAuthInterceptor(token)])
-            tcp_port = tcp_server.add_insecure_port(f"{cfg.serving.tcp_host}:{cfg.serving.tcp_port}")
+        if cfg.serving.tcp_port is not None:
+            tcp_server = make([TokenAuthInterceptor(token)] if token is not None else [])
+            addr = f"{cfg.serving.tcp_host}:{cfg.serving.tcp_port}"
+            tcp_port = tcp_server.add_secure_port(addr, tls) if tls is not None else tcp_server.add_insecure_port(addr)
             tcp_server.start()
             servers.append(tcp_server)
     except BaseException:

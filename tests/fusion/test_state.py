@@ -21,6 +21,7 @@ from appliance.fusion.state import (
     AffectState,
     ProfileState,
     SessionState,
+    TitleSet,
 )
 from appliance.ranking.catalog import Catalog
 
@@ -115,3 +116,40 @@ def test_affect_age_and_freshness() -> None:
     assert a.age_s(9_000_000_000) == 0.0  # a capture stamped in the future counts as age 0
     nobody = AffectState(0.5, 0.2, 0.8, faces=0, capture_ns=10_000_000_000)
     assert not nobody.is_fresh(10_100_000_000, 1.0)
+
+
+def test_title_set_behaves_like_a_set_of_catalog_ids(catalog):
+    rng = np.random.default_rng(3)
+    ts, ref = TitleSet(catalog), set()
+    ids = rng.choice(catalog.ids, 300, replace=False).tolist()
+    for _ in range(2000):
+        op, i = int(rng.integers(0, 4)), ids[int(rng.integers(0, len(ids)))]
+        if op == 0:
+            ts.add(i)
+            ref.add(i)
+        elif op == 1:
+            ts.discard(i)
+            ref.discard(i)
+        elif op == 2:
+            batch = rng.choice(ids, 5).tolist()
+            ts.update(batch)
+            ref.update(batch)
+        else:
+            batch = rng.choice(ids, 5).tolist()
+            ts.difference_update(batch)
+            ref.difference_update(batch)
+    assert list(ts) == sorted(ref) and len(ts) == len(ref)
+    assert all((i in ts) == (i in ref) for i in ids)
+    ts.add(10**12)  # not in the catalog: never rankable, not kept
+    assert 10**12 not in ts and len(ts) == len(ref)
+
+
+def test_profile_memory_does_not_grow_with_history(catalog):
+    """A household that has touched every title holds sets of the same size as a new one."""
+    p = ProfileState("p", catalog)
+    before = sum(t.mask.nbytes for t in (p.watched, p.completed, p.liked, p.disliked))
+    for t, item in enumerate(catalog.ids.tolist()):
+        p.apply_event((PLAY, COMPLETE, LIKE, DISLIKE)[t % 4], item, t)
+    assert len(p.watched) > len(catalog) // 3 and len(p.disliked) > len(catalog) // 5
+    assert sum(t.mask.nbytes for t in (p.watched, p.completed, p.liked, p.disliked)) == before
+    assert len(p.positives) <= 50
