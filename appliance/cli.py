@@ -1,4 +1,4 @@
-"""`appliance` command line: run, demo, doctor, models, catalog, config."""
+"""`appliance` command line: run, demo, doctor, models, catalog, config, federation."""
 
 from __future__ import annotations
 
@@ -177,6 +177,32 @@ def eval_ranking(interactions: Path = typer.Option(..., help="userId,movieId,rat
     from appliance.evaluation.ranking import run as run_eval
 
     run_eval(interactions, catalog, json_out)
+
+
+federation_app = typer.Typer(no_args_is_help=True, help="Federated fine-tuning (Flower, SecAgg+, DP).")
+app.add_typer(federation_app, name="federation")
+
+
+@federation_app.command("simulate")
+def federation_simulate(
+        interactions: Path = typer.Option(Path("../shared/datasets/movielens-small/ratings.csv"),
+                                          help="userId,movieId,rating,timestamp CSV: one box per user"),
+        bundle: Path = typer.Option(Path("models/ranker"), help="ranking bundle whose head is fine-tuned"),
+        nodes: int | None = typer.Option(None, help="boxes (default: every user)"),
+        rounds: int = typer.Option(20), epsilon: float = typer.Option(2.0), delta: float = typer.Option(1e-5),
+        clip: float = typer.Option(0.5, help="L2 bound C of one box's update"),
+        cohort: int | None = typer.Option(None, help="boxes per round (default: all)"),
+        compression: float = typer.Option(16.0, help="dense float32 bytes / SecAgg+ update upload"),
+        dropout: float = typer.Option(0.0, help="share of boxes that drop after sharing keys"),
+        json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Fleet-size federated run in one process (real Flower ServerApp/ClientApps, no Ray); prints JSON."""
+    from appliance.federation.simulate import simulate, write_json
+
+    result = simulate(interactions, bundle, nodes=nodes, rounds=rounds, epsilon=epsilon, delta=delta,
+                      clip=clip, cohort=cohort, compression=compression, dropout=dropout,
+                      log=lambda m: print(m, file=sys.stderr))
+    write_json(result, json_out)
+    print(json.dumps(result, indent=2))
 
 
 def _mount_models() -> None:
