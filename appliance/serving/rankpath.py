@@ -139,6 +139,8 @@ def with_age(payload: bytes, affect_age_s: float) -> bytes:
 
 def _varint(n: int) -> bytes:
     """Protobuf varint of an int64 (negative numbers as their two's complement: 10 bytes)."""
+    if 0 <= n < 0x80:
+        return _BYTE[n]
     n &= 0xFFFF_FFFF_FFFF_FFFF
     out = bytearray()
     while n > 0x7F:
@@ -150,7 +152,11 @@ def _varint(n: int) -> bytes:
 
 def _ld(tag: int, payload: bytes) -> bytes:
     """A length-delimited field: tag byte, length, payload."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    n = len(payload)
+    return (bytes((tag, n)) if n < 0x80 else bytes((tag,)) + _varint(n)) + payload
+
+
+_BYTE = tuple(bytes((i,)) for i in range(0x80))
 
 
 _F32 = struct.Struct("<f")
@@ -166,7 +172,9 @@ class ResponseEncoder:
     catalog), each signal's contribution prefix, each reason text prefix. Field numbers and wire types are
     read from the generated descriptors at start, and the output must parse to exactly the message that
     `add_ranked_items` builds (a test checks it on real rankings). Proto3 rules are kept: zero scalars and
-    empty strings are left out (a float whose 32 bits are 0). The caches are filled under a lock or by idempotent dict stores (two
+    empty strings are left out (a float whose 32 bits are 0), except that every signal contribution's value is
+    written, zero or not (a parser reads an explicit 0 as the same message; this way the eight contributions
+    of an item are one struct.pack). The caches are filled under a lock or by idempotent dict stores (two
     threads storing the same bytes is harmless)."""
 
     def __init__(self) -> None:
@@ -189,8 +197,9 @@ class ResponseEncoder:
         self._t_c_signal = (num(_Contribution, "signal") << 3) | 2
         self._t_c_value = bytes(((num(_Contribution, "value") << 3) | 5,))
         self._heads: dict[tuple[int, str], bytes] = {}
-        self._contrib: dict[str, tuple[bytes, bytes]] = {}
+        self._contrib: dict[str, bytes] = {}
         self._signal_field: dict[str, bytes] = {}
+        self._contrib_struct: dict[tuple[str, ...], tuple[struct.Struct, list]] = {}
         self._lock = threading.Lock()
 
     def _head(self, item_id: int, title: str) -> bytes:
@@ -211,13 +220,13 @@ class ResponseEncoder:
             f = self._signal_field[signal] = _ld(self._t_r_signal, signal.encode()) if signal else b""
         return f
 
-    def _contribution_prefixes(self, signal: str) -> tuple[bytes, bytes]:
-        """(prefix of a contribution with a value: the float's 4 bytes follow; a zero contribution whole)."""
+    def _contribution_prefix(self, signal: str) -> bytes:
+        """Everything of a contribution but its value's 4 bytes (which always follow)."""
         p = self._contrib.get(signal)
         if p is None:
             body = _ld(self._t_c_signal, signal.encode()) if signal else b""
-            p = self._contrib[signal] = (bytes((self._t_contrib,)) + _varint(len(body) + 5) + body + self._t_c_value,
-                                         _ld(self._t_contrib, body))
+            p = self._contrib[signal] = (bytes((self._t_contrib,)) + _varint(len(body) + 5) + body
+                                         + self._t_c_value)
         return p
 
     def item(self, it) -> bytes:  # noqa: ANN001 - appliance.ranking.RankedItem
@@ -234,11 +243,22 @@ class ResponseEncoder:
             if r.because_item_id:
                 body += self._t_r_because + _varint(r.because_item_id)
             parts.append(_ld(self._t_reason, body))
-        for name, value in it.contributions.items():
-            with_value, zero = self._contribution_prefixes(name)
-            f = pack(value)
-            parts.append(with_value + f if f != _ZERO32 else zero)
+        contrib = it.contributions
+        packer = self._contrib_struct.get(tuple(contrib))
+        if packer is None:
+            packer = self._contrib_packer(tuple(contrib))
+        args = list(packer[1])
+        args[1::2] = contrib.values()
+        parts.append(packer[0].pack(*args))  # every contribution in one call, zeros written out too
         return _ld(self._t_item, b"".join(parts))
+
+    def _contrib_packer(self, names: tuple[str, ...]) -> tuple[struct.Struct, list]:
+        """One Struct that writes every contribution of an item with these signal names, in this order."""
+        prefixes = [self._contribution_prefix(n) for n in names]
+        packer = (struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)),
+                  [x for p in prefixes for x in (p, 0.0)])
+        self._contrib_struct[names] = packer
+        return packer
 
     def response(self, result) -> bytes:  # noqa: ANN001 - appliance.ranking.RankResult
         """The RankResponse of a ranking, without affect_age_s (see `with_age`)."""
