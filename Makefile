@@ -127,5 +127,12 @@ train-emotion: $(TRAIN_STAMP)
 	nice -n 10 $(TRAIN_VENV)/bin/python -m appliance.models.train_emotion --data $(EMOTION_DATA) --out models/emotion
 	$(TRAIN_VENV)/bin/python -m pytest -q -m train tests/models
 
+# The x86 fleet image without a Docker daemon or a registry: debootstrapped Debian bookworm + buildah (vfs,
+# chroot isolation), as root; records its size in bench/results/image-x86-cpu.{json,md}. Minutes: never part
+# of `make test` or CI (CI lints both Dockerfiles with hadolint). Needs: apt-get install buildah debootstrap.
+.PHONY: image
+image: setup
+	PY=$(abspath $(PY)) appliance/ops/image/build-x86.sh
+
 clean:
 	rm -rf $(VENV) $(MODELS_VENV) $(PEERS_VENV) build appliance/v1/*_pb2*.py appliance/v1/*_pb2*.pyi $(STUBS)

@@ -1,4 +1,4 @@
-"""`appliance` command line: run, demo, doctor, models, catalog, config, federation."""
+"""`appliance` command line: run, demo, doctor, models, catalog, config, experiments, federation."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ config_app = typer.Typer(no_args_is_help=True, help="Firmware configs.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate our models against peers, in the same run.")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(config_app, name="config")
+experiments_app = typer.Typer(no_args_is_help=True, help="A/B experiments: noised per-arm reports.")
 app.add_typer(eval_app, name="eval")
+app.add_typer(experiments_app, name="experiments")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="firmware config YAML (default: embedded CPU-only "
                          "defaults, or $APPLIANCE_CONFIG)")
@@ -36,8 +38,9 @@ def run(config: Path | None = ConfigOpt) -> None:
     from appliance.ops.logs import setup_logging
     from appliance.ops.supervisor import run_supervisor
 
-    setup_logging("supervisor")
-    raise typer.Exit(run_supervisor(_config(config)))
+    cfg = _config(config)
+    setup_logging("supervisor", cfg=cfg)
+    raise typer.Exit(run_supervisor(cfg))
 
 
 @app.command(hidden=True)
@@ -47,7 +50,7 @@ def worker(role: str, config_json: Path = typer.Option(..., "--config-json")) ->
     from appliance.ops.logs import setup_logging
 
     cfg = validate_config(json.loads(config_json.read_text()), source=str(config_json))
-    setup_logging(role)
+    setup_logging(role, cfg=cfg)
     if role == "ranker":
         from appliance.serving.process import run_ranker
 
@@ -155,6 +158,29 @@ def config_check(files: list[Path]) -> None:
             bad += 1
             print(f"FAIL {exc}", file=sys.stderr)
     raise typer.Exit(1 if bad else 0)
+
+
+@experiments_app.command("report")
+def experiments_report(name: str = typer.Argument(..., help="experiment name in the config"),
+                       config: Path | None = ConfigOpt) -> None:
+    """This box's DP report of an experiment (whole days since its last one) as JSON on stdout; exit 3 when
+    there is no new whole day. Spends the report's epsilon in the box's ledger."""
+    from appliance.experiments import make_report
+    from appliance.store import Store
+
+    cfg = _config(config)
+    exp = next((e for e in cfg.experiments if e.name == name), None)
+    if exp is None:
+        raise ApplianceError(f"no experiment {name!r} in the config (have: {[e.name for e in cfg.experiments]})")
+    store = Store(cfg.path(cfg.store.db_path))
+    try:
+        report = make_report(store, exp)
+    finally:
+        store.close()
+    if report is None:
+        print(f"experiment {name}: no new whole day to report", file=sys.stderr)
+        raise typer.Exit(3)
+    print(json.dumps(report))
 
 
 @eval_app.command("emotion")

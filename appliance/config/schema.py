@@ -112,6 +112,8 @@ class StoreConfig(StrictModel):
     event_retention_days: int = Field(90, ge=1, le=3650, description="events older than this are deleted (at "
                                       "start and every retention_sweep_s); the profile is rebuilt without them")
     retention_sweep_s: float = Field(3600.0, gt=0, le=86_400, description="how often retention is enforced")
+    exposure_flush_s: float = Field(5.0, gt=0, le=3600, description="experiment exposures are buffered in "
+                                    "memory and written in one transaction this often (never on the Rank path)")
 
 
 class RankingConfig(StrictModel):
@@ -161,6 +163,70 @@ class PrivacyPageConfig(StrictModel):
     pairing_token_env: str = Field("APPLIANCE_PAIRING_TOKEN", description="env var holding the LAN token")
 
 
+class LoggingConfig(StrictModel):
+    """Structured JSON logs (one object a line): stderr for journald / `docker logs`, and one size-rotated
+    file per process under `dir` (supervisor.log, ranker.log, vision.log: one writer each, so rotation is
+    safe without a lock between processes). Logs carry counts and states, never personal data."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="$APPLIANCE_LOG_LEVEL overrides it")
+    dir: str = Field("{data_dir}/log", description="log files go here; empty = stderr only")
+    max_bytes: int = Field(5 * 1024 * 1024, ge=4096, le=1 << 30, description="a file is rotated at this size")
+    backup_count: int = Field(3, ge=1, le=100, description="rotated files kept per process (.1 newest)")
+    stderr: bool = Field(True, description="also write to stderr")
+
+
+_ARM_NAME = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+
+
+class ArmRanking(StrictModel):
+    """What an arm changes in Rank (unset = the box's `ranking` value)."""
+
+    affect_weight: float | None = Field(None, ge=0, le=1, description="weight of fresh, consented affect")
+    diversity: float | None = Field(None, ge=0, le=1, description="MMR trade-off: 0 = pure relevance")
+
+    def overrides(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ArmConfig(StrictModel):
+    name: str = Field(..., pattern=_ARM_NAME, description="short arm name (it is sent in reports)")
+    weight: float = Field(1.0, gt=0, le=1000, description="relative share of the enrolled units")
+    ranking: ArmRanking = ArmRanking()
+
+
+class ExperimentReportConfig(StrictModel):
+    """Per-arm metrics leave the box only as noised counts (distributed discrete Laplace, as segments)."""
+
+    epsilon: float = Field(0.5, gt=0, le=10, description="privacy of one daily report of one box (pure DP)")
+    epsilon_budget: float = Field(15.0, gt=0, le=1000, description="total over all reports of this experiment; "
+                                  "the box refuses a report that would exceed it (basic composition)")
+    min_boxes: int = Field(1000, ge=1, le=10_000_000, description="the aggregator sums at least this many "
+                           "reports; each box adds its 1/min_boxes share of the noise")
+    max_profiles: int = Field(4, ge=1, le=64, description="per arm and report: exposed profiles counted")
+    max_ranks: int = Field(50, ge=1, le=100_000, description="per arm and report: rankings counted")
+    max_events: int = Field(20, ge=1, le=100_000, description="per arm, outcome and report: events counted")
+
+
+class ExperimentConfig(StrictModel):
+    """An A/B test: units (profiles, or the whole box) are bucketed by a salted hash into weighted arms."""
+
+    name: str = Field(..., pattern=_ARM_NAME)
+    salt: str = Field(..., min_length=4, max_length=128, description="change it to reshuffle the buckets")
+    unit: Literal["profile", "box"] = Field("profile", description="profile: each profile of the box on its "
+                                            "own (hashed with the box id); box: every profile of the box alike")
+    traffic: float = Field(1.0, gt=0, le=1, description="share of units enrolled; the rest see the defaults")
+    arms: list[ArmConfig] = Field(..., min_length=2, max_length=16)
+    report: ExperimentReportConfig = ExperimentReportConfig()
+
+    @model_validator(mode="after")
+    def _unique_arms(self) -> ExperimentConfig:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name}: arm names must be unique, got {names}")
+        return self
+
+
 class ApplianceConfig(StrictModel):
     """The whole config of one box. Paths may use {run_dir}, {data_dir}, {models_dir}."""
 
@@ -179,6 +245,21 @@ class ApplianceConfig(StrictModel):
     metrics: MetricsConfig = MetricsConfig()
     governor: GovernorConfig = GovernorConfig()
     privacy: PrivacyPageConfig = PrivacyPageConfig()
+    logging: LoggingConfig = LoggingConfig()
+    experiments: list[ExperimentConfig] = Field(default_factory=list, description="A/B tests (may be empty)")
+
+    @model_validator(mode="after")
+    def _experiments_apart(self) -> ApplianceConfig:
+        names = [exp.name for exp in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiments: names must be unique, got {names}")
+        owner: dict[str, str] = {}
+        for exp in self.experiments:  # one ranking knob per experiment: arms of two tests must not collide
+            for knob in sorted({k for arm in exp.arms for k in arm.ranking.overrides()}):
+                if knob in owner:
+                    raise ValueError(f"experiments: {exp.name!r} and {owner[knob]!r} both change ranking.{knob}")
+                owner[knob] = exp.name
+        return self
 
     def path(self, template: str) -> str:
         """Expand {run_dir}/{data_dir}/{models_dir}/{uid} in a path template."""

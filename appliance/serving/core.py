@@ -19,6 +19,7 @@ import numpy as np
 from appliance import __version__
 from appliance.config import ApplianceConfig
 from appliance.errors import NotFoundError, StoreError
+from appliance.experiments import ExperimentArms
 from appliance.fusion import AffectState, ProfileState, SessionState
 from appliance.ranking import Catalog, CatalogRow, RankContext, Ranker, RankerBundle, RankResult
 from appliance.serving.apply import apply_batch
@@ -80,6 +81,12 @@ class ApplianceCore:
         self.catalog = Catalog.from_rows([_catalog_row(r) for r in store.catalog_rows()])
         self.ranker = Ranker(self.bundle, self.catalog, affect_weight=cfg.ranking.affect_weight,
                              diversity=cfg.ranking.diversity, affect_stale_s=cfg.ranking.affect_stale_s)
+        self.experiments: ExperimentArms | None = None  # A/B arms: a ranker per arm, exposures buffered
+        if cfg.experiments:
+            from appliance.ops.bucketing import box_id
+
+            self.experiments = ExperimentArms(cfg.experiments, self.ranker, box_id(cfg.path("{data_dir}")), store,
+                                              cfg.store.exposure_flush_s)
         self.counters = CoreCounters()
         self.vision = VisionView()
         self._consent: dict[str, bool] = {}
@@ -96,10 +103,14 @@ class ApplianceCore:
         self._rebuild()
         self.limiter = RateLimiter(cfg.serving.client_events_per_s, cfg.serving.client_burst_events)
         self.writer = EventWriter(self, cfg.serving.ingest_queue_events, cfg.serving.ingest_group_events)
+        if self.experiments is not None:
+            self.experiments.start()
 
     def close(self) -> None:
-        """Stop the event writer (what is queued is committed first)."""
+        """Stop the event writer (what is queued is committed first) and write the buffered exposures."""
         self.writer.stop()
+        if self.experiments is not None:
+            self.experiments.stop()
 
     # -- start-up -------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -291,12 +302,25 @@ class ApplianceCore:
         cands = None
         if candidate_ids is not None and len(candidate_ids):
             cands = candidate_ids if isinstance(candidate_ids, np.ndarray) else np.asarray(candidate_ids, np.int64)
-        result = self.ranker.rank(prof, live.state, self._affect if consent else None, consent, ctx, cands, k,
-                                  time.monotonic_ns())
+        exps = self.experiments
+        ranker = self.ranker if exps is None else exps.on_rank(live.profile_id)  # the arm's ranker (cached)
+        result = ranker.rank(prof, live.state, self._affect if consent else None, consent, ctx, cands, k,
+                             time.monotonic_ns())
         if result.unknown_ids:  # the ranker found them while mapping ids to rows: no extra pass here
             raise NotFoundError(f"candidate ids not in the catalog: {result.unknown_ids[:5]}")
         self.counters.ranks += 1
         return result
+
+    def ranker_for(self, profile_id: str) -> Ranker:
+        """The ranker that serves this profile: its experiment arm's, else the box's (no exposure logged)."""
+        return self.ranker if self.experiments is None else self.experiments.ranker_for(profile_id)
+
+    def note_cached_rank(self, session_id: str) -> None:
+        """A Rank answered from the cache is an exposure too (the cached answer came from the same arm)."""
+        if self.experiments is not None:
+            live = self._sessions.get(session_id)
+            if live is not None:
+                self.experiments.on_rank(live.profile_id)
 
     # -- profiles -------------------------------------------------------------------------------
     def explain(self, profile_id: str, top_k: int = 0) -> dict:
@@ -311,9 +335,10 @@ class ApplianceCore:
         items = []
         if top_k > 0 and prof is not None:
             ctx = rank_context(0, now_ms(), 0, 0, self.cfg.ranking.default_max_maturity)
+            ranker = self.ranker_for(profile_id)
             with self._lock:  # behaviour only: no live session, no affect
-                items = self.ranker.rank(prof, SessionState(profile_id, "explain", self.catalog), None, False, ctx,
-                                         None, top_k, time.monotonic_ns()).items
+                items = ranker.rank(prof, SessionState(profile_id, "explain", self.catalog), None, False, ctx,
+                                    None, top_k, time.monotonic_ns()).items
         return {"camera_affect": row.camera_consent, "events": events, "sessions": sessions,
                 "oldest_ms": oldest or 0, "top_genres": top, "top_items": items}
 
@@ -325,7 +350,11 @@ class ApplianceCore:
         with self._lock:
             if self.store.get_profile(profile_id) is None and profile_id not in self._profiles:
                 raise NotFoundError(f"profile {profile_id} is unknown")
-            ev, se = self.store.forget_profile(profile_id)
+            if self.experiments is None:
+                ev, se = self.store.forget_profile(profile_id)
+            else:
+                with self.experiments.forgetting(profile_id):  # its buffered exposures go too
+                    ev, se = self.store.forget_profile(profile_id)
             self._profiles.pop(profile_id, None)
             self._consent.pop(profile_id, None)
             gone = [s for s, live in self._sessions.items() if live.profile_id == profile_id]

@@ -307,7 +307,7 @@ class EventWriter:
                 continue
             done.add(id(live))
             try:
-                self.core.ranker.prepare(p.prof, live.state)
+                self.core.ranker_for(p.profile_id).prepare(p.prof, live.state)  # the arm's ranker (A/B)
             except Exception as exc:  # noqa: BLE001 - the events are durable; the next Rank derives it again
                 log_bug(log, "event writer: preparing the ranking failed", exc)
 

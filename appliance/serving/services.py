@@ -78,6 +78,7 @@ class RankerService(ranker_pb2_grpc.RankerServicer):
         versions, age = self.core.rank_versions(sid)
         if entry is not None and versions is not None and (entry[0], entry[1]) == versions:
             cache.hits += 1
+            self.core.note_cached_rank(sid)  # experiments: an exposure (no-op without experiments)
             return with_age(entry[2], age)
         if entry is not None:
             cands = check.candidate_array(call.ids(self.cfg.max_candidates), self.cfg.max_candidates)

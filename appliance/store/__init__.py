@@ -1,5 +1,5 @@
-"""Durable local state in SQLite (WAL): profiles, consent, sessions, events, catalog."""
+"""Durable local state in SQLite (WAL): profiles, consent, sessions, events, catalog, experiment exposures."""
 
-from appliance.store.db import EventBatch, EventRow, ProfileRow, SessionRow, Store, StoredBatch
+from appliance.store.db import EventBatch, EventRow, ExposureRow, ProfileRow, SessionRow, Store, StoredBatch
 
-__all__ = ["EventBatch", "EventRow", "ProfileRow", "SessionRow", "Store", "StoredBatch"]
+__all__ = ["EventBatch", "EventRow", "ExposureRow", "ProfileRow", "SessionRow", "Store", "StoredBatch"]

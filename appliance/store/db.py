@@ -70,6 +70,18 @@ class EventRow:
     value: float
 
 
+@dataclass(frozen=True)
+class ExposureRow:
+    """A profile saw an experiment's arm on a UTC day: first and last ranking then, and how many."""
+    experiment: str
+    profile_id: str
+    arm: str
+    day: int
+    first_ms: int
+    last_ms: int
+    ranks: int
+
+
 SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN = 13, 10, 8, 14
 
 
@@ -286,7 +298,7 @@ class Store:
             return int(ev), touched
 
     def forget_profile(self, profile_id: str) -> tuple[int, int]:
-        """Erase a profile, its sessions and events. Returns (events, sessions) deleted.
+        """Erase a profile, its sessions, events and experiment exposures. Returns (events, sessions) deleted.
 
         The rows are overwritten (secure_delete), and the WAL, which still holds the old page images, is
         checkpointed into the database and truncated to zero bytes, so the profile is gone from the files
@@ -296,6 +308,7 @@ class Store:
                 ev = db.execute("SELECT COALESCE(SUM(n), 0) FROM event_batches WHERE profile_id=?",
                                 (profile_id,)).fetchone()[0]
                 db.execute("DELETE FROM event_batches WHERE profile_id=?", (profile_id,))
+                db.execute("DELETE FROM experiment_exposures WHERE profile_id=?", (profile_id,))
                 se = db.execute("DELETE FROM sessions WHERE profile_id=?", (profile_id,)).rowcount
                 db.execute("DELETE FROM profiles WHERE profile_id=?", (profile_id,))
             try:
@@ -303,6 +316,63 @@ class Store:
             except sqlite3.Error:
                 pass  # the erase itself is committed; the WAL is scrubbed at the next checkpoint
         return int(ev), int(se)
+
+    _UPSERT_EXPOSURE = (
+        "INSERT INTO experiment_exposures(experiment, profile_id, arm, day, first_ms, last_ms, ranks) "
+        "SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM profiles WHERE profile_id=?) "
+        "ON CONFLICT(experiment, profile_id, arm, day) DO UPDATE SET first_ms=min(first_ms, excluded.first_ms), "
+        "last_ms=max(last_ms, excluded.last_ms), ranks=ranks + excluded.ranks")
+
+    def record_exposures(self, rows: Sequence[ExposureRow]) -> None:
+        """Add buffered exposures in ONE durable transaction. Rows of a profile that is no longer stored
+        (forgotten while they waited in memory) are dropped, not written."""
+        if not rows:
+            return
+        with self._tx("record exposures") as db:
+            db.executemany(self._UPSERT_EXPOSURE, [(r.experiment, r.profile_id, r.arm, r.day, r.first_ms, r.last_ms,
+                                                    r.ranks, r.profile_id) for r in rows])
+
+    def exposures(self, experiment: str | None = None, profile_id: str | None = None,
+                  after_day: int | None = None, through_day: int | None = None) -> list[ExposureRow]:
+        """Stored exposures, filtered; ordered by experiment, day, profile, arm."""
+        where, params = [], []
+        for clause, value in (("experiment=?", experiment), ("profile_id=?", profile_id), ("day>?", after_day),
+                              ("day<=?", through_day)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = ("SELECT experiment, profile_id, arm, day, first_ms, last_ms, ranks FROM experiment_exposures"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY experiment, day, profile_id, arm")
+        return [ExposureRow(*r) for r in self._read(sql, params)]
+
+    def event_type_counts(self, profile_id: str, from_ms: int, to_ms: int, n_types: int) -> np.ndarray:
+        """How many events of each type a profile's batches stored in [from_ms, to_ms) hold (int64[n_types])."""
+        out = np.zeros(n_types, dtype=np.int64)
+        for (types,) in self._read("SELECT types FROM event_batches WHERE profile_id=? AND stored_ms>=? "
+                                   "AND stored_ms<?", (profile_id, from_ms, to_ms)):
+            t = np.frombuffer(types, dtype=np.uint8)
+            out += np.bincount(t[t < n_types], minlength=n_types)
+        return out
+
+    def last_report_day(self, experiment: str) -> int | None:
+        r = self._read("SELECT MAX(through_day) FROM experiment_reports WHERE experiment=?", (experiment,))[0][0]
+        return int(r) if r is not None else None
+
+    def report_spent(self, experiment: str) -> float:
+        return float(self._read("SELECT COALESCE(SUM(epsilon), 0) FROM experiment_reports WHERE experiment=?",
+                                (experiment,))[0][0])
+
+    def spend_report(self, experiment: str, through_day: int, epsilon: float, budget: float, now_ms: int) -> bool:
+        """Record a report's privacy spend, atomically with the check: False (nothing written) when it would
+        take the experiment past `budget` or the days up to `through_day` were already reported."""
+        with self._tx("record experiment report") as db:
+            spent, last = db.execute("SELECT COALESCE(SUM(epsilon), 0), MAX(through_day) FROM experiment_reports "
+                                     "WHERE experiment=?", (experiment,)).fetchone()
+            if spent + epsilon > budget + 1e-12 or (last is not None and through_day <= last):
+                return False
+            db.execute("INSERT INTO experiment_reports(experiment, through_day, epsilon, made_ms) VALUES (?, ?, ?, ?)",
+                       (experiment, through_day, epsilon, now_ms))
+        return True
 
     def import_catalog(self, rows: Iterable[tuple[int, str, str, int | None, int]], replace: bool = False) -> int:
         """Insert or update (item_id, title, genres, year, maturity) rows atomically; returns how many."""

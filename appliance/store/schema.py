@@ -94,4 +94,29 @@ def _to_event_batches(db: sqlite3.Connection) -> None:
 
 MIGRATIONS.append(_to_event_batches)
 
+# 3: experiments (A/B). Which arm a profile saw and when: one row per experiment, profile, arm and UTC day,
+# written in batches by the exposure log (never on the Rank path); erased with the profile. The report
+# ledger keeps what each experiment's DP reports have spent, so a box never overspends its budget.
+MIGRATIONS.append("""
+    CREATE TABLE experiment_exposures (
+        experiment TEXT NOT NULL,
+        profile_id TEXT NOT NULL REFERENCES profiles(profile_id) ON DELETE CASCADE,
+        arm TEXT NOT NULL,
+        day INTEGER NOT NULL,            -- UTC day number (unix ms // 86400000)
+        first_ms INTEGER NOT NULL,       -- first and last ranking served under this arm that day
+        last_ms INTEGER NOT NULL,
+        ranks INTEGER NOT NULL,
+        PRIMARY KEY (experiment, profile_id, arm, day)
+    );
+    CREATE INDEX experiment_exposures_day ON experiment_exposures(experiment, day);
+    CREATE INDEX experiment_exposures_profile ON experiment_exposures(profile_id);
+    CREATE TABLE experiment_reports (
+        experiment TEXT NOT NULL,
+        through_day INTEGER NOT NULL,    -- the report covered the days after the previous one up to this
+        epsilon REAL NOT NULL,
+        made_ms INTEGER NOT NULL,
+        PRIMARY KEY (experiment, through_day)
+    );
+    """)
+
 SCHEMA_VERSION = len(MIGRATIONS)

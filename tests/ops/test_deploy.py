@@ -57,3 +57,13 @@ def test_systemd_unit():
     assert svc["User"] == "appliance" and svc["KillSignal"] == "SIGTERM"
     assert svc["ExecStart"].endswith("appliance run")
     assert "config check" in svc["ExecStartPre"]
+
+
+def test_image_build_script_parses_and_stays_out_of_make_test():
+    script = REPO / "appliance/ops/image/build-x86.sh"
+    assert script.stat().st_mode & 0o111
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    make = (REPO / "Makefile").read_text()
+    test_rule = make.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "image" not in test_rule and "build-x86.sh" in make
