@@ -21,8 +21,8 @@ from appliance.config import ApplianceConfig
 from appliance.errors import NotFoundError, StoreError
 from appliance.experiments import ExperimentArms
 from appliance.fusion import AffectState, ProfileState, SessionState
+from appliance.fusion.batch import apply_batch
 from appliance.ranking import Catalog, CatalogRow, RankContext, Ranker, RankerBundle, RankResult
-from appliance.serving.apply import apply_batch
 from appliance.serving.ingest import Columns, EventWriter, RateLimiter, _Pending, columns_from_rows, validate
 from appliance.serving.rankpath import RankCache
 from appliance.store import Store

@@ -3,7 +3,7 @@
     gRPC thread:  decode (numpy, no per-event objects) -> validate -> rate limit -> enqueue -> wait
     writer thread: take every queued batch (up to `ingest_group_events`) -> ONE SQLite transaction with
                    one row per batch, committed with fsync -> apply the batches to the in-memory state
-                   (appliance.serving.apply, numpy) -> release every waiting call
+                   (appliance.fusion.batch, numpy) -> release every waiting call
     gRPC thread:  ack (durable_seq) -- the events are durable AND visible to the next Rank
 
 One fsync serves every batch that arrived while the previous one ran, so throughput grows with load
@@ -28,7 +28,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from appliance.errors import NotFoundError, StoreError, ValidationError
-from appliance.serving.apply import apply_batch
+from appliance.fusion.batch import apply_batch
 from appliance.serving.errors import CallEnded, Overloaded, log_bug
 from appliance.serving.rankpath import decode_packed_int64
 from appliance.store import EventBatch

@@ -38,7 +38,9 @@ STREAM_END_GRACE_S = 0.003
 PRIVACY_STATEMENTS = (
     "Camera affect is off unless this profile turns it on; when off, the camera is not opened.",
     "Frames are analysed in memory on this box and never stored or sent anywhere.",
-    "Viewing events are kept on this box for {days} days to personalise recommendations.",
+    "Viewing events are kept on this box for {days} days to personalise recommendations, then deleted.",
+    "If this box runs an A/B test, which variant a profile saw is kept here as long as its events; it leaves "
+    "the box only inside noised per-variant counts.",
     "Only clipped, noised, aggregated model updates ever leave the box; never titles, ids or events.",
     "Profile.Forget erases this profile's events, sessions and live state at once.",
 )

@@ -283,18 +283,20 @@ class Store:
         return self.append_batches([batch], now_ms)[0]
 
     def purge_before(self, cutoff_ms: int) -> tuple[int, set[str]]:
-        """Retention: delete the event batches stored before `cutoff_ms` and the sessions that ended before
-        it. Returns (events deleted, profiles that lost events), so their in-memory state can be rebuilt."""
+        """Retention: delete the event batches stored before `cutoff_ms`, the sessions that ended before it
+        and the experiment exposures last seen before it. Returns (events deleted, profiles that lost
+        events), so their in-memory state can be rebuilt."""
         with self._lock:
             with self._tx_locked("retention purge") as db:
                 touched = {r[0] for r in db.execute(
                     "SELECT DISTINCT profile_id FROM event_batches WHERE stored_ms < ?", (cutoff_ms,))}
-                if not touched:
-                    return 0, set()
-                ev = db.execute("SELECT COALESCE(SUM(n), 0) FROM event_batches WHERE stored_ms < ?",
-                                (cutoff_ms,)).fetchone()[0]
-                db.execute("DELETE FROM event_batches WHERE stored_ms < ?", (cutoff_ms,))
+                ev = 0
+                if touched:
+                    ev = db.execute("SELECT COALESCE(SUM(n), 0) FROM event_batches WHERE stored_ms < ?",
+                                    (cutoff_ms,)).fetchone()[0]
+                    db.execute("DELETE FROM event_batches WHERE stored_ms < ?", (cutoff_ms,))
                 db.execute("DELETE FROM sessions WHERE ended_ms IS NOT NULL AND ended_ms < ?", (cutoff_ms,))
+                db.execute("DELETE FROM experiment_exposures WHERE last_ms < ?", (cutoff_ms,))
             return int(ev), touched
 
     def forget_profile(self, profile_id: str) -> tuple[int, int]:

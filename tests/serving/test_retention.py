@@ -70,3 +70,23 @@ def test_events_past_retention_are_deleted_at_start(cfg):
         assert oldest is None or oldest >= now_ms() - 7 * DAY_MS
     finally:
         proc.stop()
+
+
+def test_old_experiment_exposures_are_purged(cfg):
+    """What arm a profile saw is kept no longer than its events."""
+    from appliance.store import Store
+
+    store = Store(cfg.path(cfg.store.db_path))
+    try:
+        now = now_ms()
+        with store._tx("test") as db:
+            db.execute("INSERT OR IGNORE INTO profiles(profile_id, created_ms, camera_consent, consent_updated_ms) "
+                       "VALUES ('exp', ?, 0, ?)", (now, now))
+            for ms in (now - 100 * DAY_MS, now - DAY_MS):
+                db.execute("INSERT INTO experiment_exposures VALUES ('seed-002', 'exp', 'control', ?, ?, ?, 3)",
+                           (ms // DAY_MS, ms, ms))
+        store.purge_before(now - 30 * DAY_MS)
+        rows = store._read("SELECT day FROM experiment_exposures WHERE profile_id='exp'")
+        assert [r[0] for r in rows] == [(now - DAY_MS) // DAY_MS]
+    finally:
+        store.close()

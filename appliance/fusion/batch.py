@@ -18,10 +18,9 @@ a restart equals the live state.
   runs event by event, but only for the events that touch them (play, complete, like, skip, dislike),
   on plain tuples, and Positive objects are made once for what is left.
 
-The equivalence with `apply_event` is a test (tests/serving/test_apply.py, random streams); if the fusion
-module no longer has what this relies on, `apply_batch` falls back to `apply_event` row by row.
-This belongs in appliance/fusion (as `ProfileState.apply_events`); it lives here until the fusion owner
-takes it over.
+The equivalence with `apply_event` is a test (tests/fusion/test_batch.py, random streams); if the state
+classes no longer have what this relies on, `apply_batch` falls back to `apply_event` row by row.
+Used by the ingest path (live batches) and by the replay at start and after a retention purge.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from appliance.fusion import ProfileState, SessionState
+from appliance.fusion.batch import apply_batch
 from appliance.ranking import Catalog, CatalogRow
 from appliance.ranking.catalog import GENRES
-from appliance.serving.apply import apply_batch
 
 
 @pytest.fixture(scope="module")
