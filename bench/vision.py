@@ -69,19 +69,27 @@ def _frames(video: Path, width: int, height: int, limit: int):
         raise SystemExit(f"bench vision: no frame decoded from {video}")
 
 
-def _pipeline(threads: int, detect_interval: int = 1):
+def _pipeline(threads: int, detect_interval: int = 1, vision: dict[str, Any] | None = None):
+    """The product's VisionPipeline; `vision` overrides runtime/providers/precision/calibration_dir
+    (default: ONNX Runtime on CPU at FP32, the CPU benchmark's configuration)."""
     from appliance.config import default_config
     from appliance.vision.process import VisionPipeline
 
     cfg = default_config()
     cfg = cfg.with_overrides(vision={"intra_op_threads": threads, "detect_interval": detect_interval,
-                                     "providers": ["cpu"]},
+                                     "providers": ["cpu"], **(vision or {})},
                              data_dir=tempfile.gettempdir())
     return cfg, VisionPipeline(cfg)
 
 
+def active_providers(pipe) -> dict[str, list[str]]:  # noqa: ANN001 - VisionPipeline
+    """What each model really runs on (a GPU provider that failed to load shows up as CPU here)."""
+    return {"detector": list(pipe.detector._session.get_providers()),
+            "classifier": list(pipe.classifier._session.get_providers())}
+
+
 def run_ours(video: Path, size: tuple[int, int], limit: int, threads: int, detect_interval: int = 1,
-             warmup: int = 10) -> dict[str, Any]:
+             warmup: int = 10, vision: dict[str, Any] | None = None, pipeline=None) -> dict[str, Any]:  # noqa: ANN001
     """The product pipeline on every frame; per-stage and end-to-end latency, decode excluded/included."""
     import numpy as np
 
@@ -89,7 +97,7 @@ def run_ours(video: Path, size: tuple[int, int], limit: int, threads: int, detec
     from appliance.v1 import vision_pb2
     from bench.common import percentiles
 
-    cfg, pipe = _pipeline(threads, detect_interval)
+    cfg, pipe = pipeline if pipeline is not None else _pipeline(threads, detect_interval, vision)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-vision-", dir="/tmp"))
     endpoint = f"ipc://{run_dir}/affect.ipc"
     pub = LatestPublisher(endpoint, bind=True)
@@ -151,18 +159,20 @@ def run_ours(video: Path, size: tuple[int, int], limit: int, threads: int, detec
         "loop_wall_s": round(wall, 3),
         "model_version": pipe.model_version,
         "providers": list(cfg.vision.providers),
+        "runtime": cfg.vision.runtime, "precision": cfg.vision.precision,
+        "active_providers": active_providers(pipe),
     }
 
 
 def batch_sweep(video: Path, size: tuple[int, int], threads: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 16),
-                repeats: int = 200) -> list[dict[str, Any]]:
+                repeats: int = 200, vision: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Classifier time per call and per face for batches of real face crops from the video."""
     import numpy as np
 
     from appliance.vision.emotion import crop_faces
     from bench.common import percentiles
 
-    _, pipe = _pipeline(threads)
+    _, pipe = _pipeline(threads, vision=vision)
     crops = None
     for i, (img, _) in enumerate(_frames(video, *size, 0)):
         if i % 20:
@@ -190,6 +200,69 @@ def batch_sweep(video: Path, size: tuple[int, int], threads: int, sizes: tuple[i
     return rows
 
 
+# -- GPU matrix ---------------------------------------------------------------------------------------
+#: (label, vision overrides, the provider each model must really run on for the row to count)
+GPU_MATRIX: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("TensorRT native fp32", {"runtime": "tensorrt", "precision": "fp32"}, "TensorRT-native"),
+    ("TensorRT native fp16", {"runtime": "tensorrt", "precision": "fp16"}, "TensorRT-native"),
+    ("TensorRT native int8", {"runtime": "tensorrt", "precision": "int8"}, "TensorRT-native"),
+    ("TensorRT EP fp32", {"providers": ["tensorrt", "cuda", "cpu"], "precision": "fp32"}, "TensorrtExecutionProvider"),
+    ("TensorRT EP fp16", {"providers": ["tensorrt", "cuda", "cpu"], "precision": "fp16"}, "TensorrtExecutionProvider"),
+    ("CUDA EP fp32", {"providers": ["cuda", "cpu"], "precision": "fp32"}, "CUDAExecutionProvider"),
+    ("CPU fp32", {"providers": ["cpu"], "precision": "fp32"}, "CPUExecutionProvider"),
+)
+
+
+def gpu_matrix(video: Path, size: tuple[int, int], limit: int, calibration: Path | None,
+               only: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each GPU_MATRIX row that really runs where it says (1 thread, detect every frame); the others are
+    listed as skipped with the reason (no TensorRT, no CUDA EP in this onnxruntime, a failed build)."""
+    runs, skipped = [], []
+    for label, overrides, want in GPU_MATRIX:
+        if only and not any(o.lower() in label.lower() for o in only):
+            continue
+        vision = dict(overrides)
+        if vision.get("precision") == "int8" and vision.get("runtime") == "tensorrt":
+            if calibration is None:
+                skipped.append({"label": label, "why": "no calibration set"})
+                continue
+            vision["calibration_dir"] = str(calibration)
+        if vision.get("runtime") == "tensorrt":
+            try:
+                from appliance.vision.trt_engine import _trt, gpu_name
+
+                _trt()
+                gpu_name()
+            except Exception as exc:  # noqa: BLE001 - ModelError: no TensorRT or no GPU here
+                skipped.append({"label": label, "why": str(exc)[:400]})
+                continue
+        t0 = time.perf_counter()
+        try:
+            cfg, pipe = _pipeline(1, 1, vision)
+        except Exception as exc:  # noqa: BLE001 - a row that cannot load is reported, not fatal
+            skipped.append({"label": label, "why": f"{type(exc).__name__}: {exc}"[:400]})
+            continue
+        load_s = round(time.perf_counter() - t0, 2)
+        active = active_providers(pipe)
+        if not all(p and p[0].startswith(want) for p in active.values()):
+            skipped.append({"label": label, "why": f"fell back: runs on {active}", "active_providers": active})
+            continue
+        run = run_ours(video, size, limit, threads=1, pipeline=(cfg, pipe))
+        run.update({"label": label, "load_s_incl_engine_build": load_s})
+        runs.append(run)
+        print(f"{label}: {run['fps']:.1f} fps, p50 {run['p50_ms']:.3f} ms, p99 {run['p99_ms']:.3f} ms", flush=True)
+    return runs, skipped
+
+
+def _device_name() -> str:
+    try:
+        from appliance.vision.trt_engine import gpu_name
+
+        return gpu_name()
+    except Exception as exc:  # noqa: BLE001
+        return f"no GPU ({exc})"
+
+
 # -- peer ---------------------------------------------------------------------------------------------
 def run_fer(video: Path, limit: int) -> tuple[dict[str, Any] | None, str]:
     from appliance.evaluation.fer_peer import FerPeer
@@ -209,7 +282,8 @@ def markdown(r: dict[str, Any]) -> str:
     m, o, fer = r["machine"], r["ours"], r["peers"]["fer"]
     lines = [f"# Vision benchmark: `{Path(r['video']).name}` — ours vs the `fer` package", "",
              f"Machine: {m['host_cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}, "
-             f"onnxruntime {m['onnxruntime']} ({', '.join(m['providers'])}); {m['time_utc']}. CPU only. "
+             f"onnxruntime {m['onnxruntime']} ({', '.join(m['providers'])}); {m['time_utc']}. "
+             f"{('GPU: ' + r['gpu'] + '.') if r.get('gpu') else 'CPU only.'} "
              f"Load average before/after (1, 5, 15 min): {r['load_average']['before']} / "
              f"{r['load_average']['after']} (the machine was shared with other jobs).", "",
              "Latency is per frame from the decoded frame to the AffectSample sent on ZeroMQ (detect + "
@@ -219,7 +293,9 @@ def markdown(r: dict[str, Any]) -> str:
              "peak RSS MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in r["ours_runs"]:
         lw = run["latency_with_decode_ms"]
-        lines.append(f"| ours, {run['threads']} thread(s), detect every {run['detect_interval']} | {run['fps']:.1f} | "
+        name = (f"ours, {run['label']}" if run.get("label") else
+                f"ours, {run['threads']} thread(s), detect every {run['detect_interval']}")
+        lines.append(f"| {name} | {run['fps']:.1f} | "
                      f"{run['fps_with_decode']:.1f} | {run['p50_ms']:.2f} | {run['p90_ms']:.2f} | {run['p99_ms']:.2f} | "
                      f"{lw['p99_ms']:.2f} | {run['faces_per_frame']:.2f} | {r['ours_peak_rss_mb']} |")
     if fer is not None:
@@ -232,10 +308,13 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{'met' if r['targets']['speedup_met'] else 'NOT met'}."]
     else:
         lines += ["", f"**fer peer skipped:** {r['peers_skipped']['fer']}"]
+    for row in r.get("gpu_skipped", []):
+        lines.append(f"- skipped {row['label']}: {row['why']}")
     lines += [f"Ours p99 {o['p99_ms']:.2f} ms (target <= {TARGET_P99_MS:.0f} ms: "
               f"{'met' if r['targets']['p99_met'] else 'NOT met'}); headline configuration: "
-              f"{o['threads']} thread(s), detect every frame.", "",
-              f"## Per-stage times, ours ({o['threads']} thread(s), detect every frame)", "",
+              f"{o.get('label') or str(o['threads']) + ' thread(s)'}, detect every frame.", "",
+              f"## Per-stage times, ours ({o.get('label') or str(o['threads']) + ' thread(s)'}, detect every frame)",
+              "",
               "| stage | p50 ms | p90 ms | p99 ms | mean ms |", "| --- | ---: | ---: | ---: | ---: |"]
     for k in STAGES:
         s = o["stages_ms"][k]
@@ -330,6 +409,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--frames", type=int, default=0, help="at most this many frames (0 = all)")
     ap.add_argument("--no-peer", action="store_true", help="skip the fer package")
     ap.add_argument("--sweep-repeats", type=int, default=200, help="classifier calls per batch size")
+    ap.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default=None,
+                    help="run ours with this vision.runtime (default: onnxruntime)")
+    ap.add_argument("--providers", default=None, help="comma list for vision.providers (default: cpu)")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None)
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="calibration sets (appliance models calibrate) for INT8; made from the video if absent")
+    ap.add_argument("--gpu-matrix", action="store_true",
+                    help="TensorRT native / TensorRT EP / CUDA EP / CPU at FP32/FP16/INT8 in one run "
+                         "(writes vision-<video>-gpu.*)")
+    ap.add_argument("--only", default=None, help="with --gpu-matrix: comma list of row-label substrings")
     ap.add_argument("--plot-only", nargs=2, type=Path, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -345,13 +434,46 @@ def main(argv: list[str]) -> int:
     cap_cfg = default_config().capture
     size = (cap_cfg.width, cap_cfg.height)
     load_before = [round(x, 2) for x in os.getloadavg()]
-    runs = [run_ours(args.video, size, args.frames, threads=1), run_ours(args.video, size, args.frames, threads=2),
-            run_ours(args.video, size, args.frames, threads=1, detect_interval=3)]
+    vision: dict[str, Any] = {}
+    if args.runtime:
+        vision["runtime"] = args.runtime
+    if args.providers:
+        vision["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
+    if args.precision:
+        vision["precision"] = args.precision
+    calibration = args.calibration
+    needs_calib = args.gpu_matrix or (vision.get("runtime") == "tensorrt" and vision.get("precision") == "int8")
+    made_calibration = needs_calib and calibration is None
+    if made_calibration:
+        from appliance.models.calibrate import calibrate
+
+        calibration = Path(tempfile.mkdtemp(prefix="bench-calib-", dir="/tmp"))
+        calibrate(calibration, video=args.video, every=3, frames=300)
+    if calibration is not None and vision.get("precision") == "int8":
+        vision["calibration_dir"] = str(calibration)
+    gpu_skipped: list[dict[str, Any]] = []
+    if args.gpu_matrix:
+        only = [o.strip() for o in args.only.split(",")] if args.only else None
+        runs, gpu_skipped = gpu_matrix(args.video, size, args.frames, calibration, only)
+        if not runs:
+            raise SystemExit(f"bench vision: no configuration ran: {gpu_skipped}")
+        head = min(runs, key=lambda r: r["p50_ms"])
+        vision = {k: v for k, v in GPU_MATRIX[[x[0] for x in GPU_MATRIX].index(head["label"])][1].items()}
+        if vision.get("precision") == "int8" and vision.get("runtime") == "tensorrt":
+            vision["calibration_dir"] = str(calibration)
+    else:
+        runs = [run_ours(args.video, size, args.frames, threads=1, vision=vision),
+                run_ours(args.video, size, args.frames, threads=2, vision=vision),
+                run_ours(args.video, size, args.frames, threads=1, detect_interval=3, vision=vision)]
+        head = runs[0]
     ours_rss = _ru_maxrss_mb()
-    sweep = (batch_sweep(args.video, size, 1, repeats=args.sweep_repeats)
-             + batch_sweep(args.video, size, 2, repeats=args.sweep_repeats))
+    sweep = (batch_sweep(args.video, size, 1, repeats=args.sweep_repeats, vision=vision)
+             + batch_sweep(args.video, size, 2, repeats=args.sweep_repeats, vision=vision))
     fer, why = (None, "not asked for (--no-peer)") if args.no_peer else run_fer(args.video, args.frames)
-    head = runs[0]
+    if made_calibration:  # face crops: not left lying around
+        import shutil
+
+        shutil.rmtree(calibration, ignore_errors=True)
     result: dict[str, Any] = {
         "benchmark": "vision", "video": str(args.video), "machine": machine(),
         "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()],
@@ -361,6 +483,12 @@ def main(argv: list[str]) -> int:
                               "ONNX Runtime, OpenCV decoder, ZeroMQ; frames are not kept)",
         "batch_sweep": sweep, "peers": {"fer": fer},
     }
+    gpu_run = args.gpu_matrix or bool(vision.get("runtime") == "tensorrt"
+                                       or set(vision.get("providers", ["cpu"])) - {"cpu"})
+    if gpu_run:
+        result["gpu"] = _device_name()
+        result["gpu_skipped"] = gpu_skipped
+        result["ours_peak_rss_note"] = "ru_maxrss of the benchmark process after all configurations"
     if fer is None:
         result["peers_skipped"] = {"fer": why}
         result["speedup"] = None
@@ -370,7 +498,7 @@ def main(argv: list[str]) -> int:
     result["targets"] = {"speedup": TARGET_SPEEDUP, "p99_ms": TARGET_P99_MS,
                          "speedup_met": None if fer is None else bool(result["speedup"] >= TARGET_SPEEDUP),
                          "p99_met": bool(head["p99_ms"] <= TARGET_P99_MS)}
-    name = f"vision-{args.video.stem}-cpu"
+    name = f"vision-{args.video.stem}-{'gpu' if gpu_run else 'cpu'}"
     out = write_results(name, result, "", args.json)
     png = out.with_suffix(".png")
     ok, why_plot = _make_plot(out, png)

@@ -56,6 +56,21 @@ class VisionConfig(StrictModel):
     smoothing: float = Field(0.3, gt=0, le=1, description="EMA weight of the newest frame's affect")
     emotion_model: Literal["emotion_cnn48", "fer_mini_xception"] = Field(
         "emotion_cnn48", description="manifest entry of the emotion classifier")
+    runtime: Literal["onnxruntime", "tensorrt"] = Field(
+        "onnxruntime", description="onnxruntime: ONNX Runtime with `providers` in order; tensorrt: native "
+        "TensorRT engines built per device at `precision` (where TensorRT or a GPU is absent, or a build "
+        "fails, the model runs on ONNX Runtime with `providers` instead)")
+    engine_cache: str = Field("{data_dir}/trt-cache", description="TensorRT engines and calibration caches, "
+                              "keyed by GPU, TensorRT version, model sha256, precision and input shapes")
+    calibration_dir: str | None = Field(None, description="INT8 calibration sets from `appliance models "
+                                        "calibrate` (native TensorRT at precision int8)")
+
+    @model_validator(mode="after")
+    def _int8_needs_calibration(self) -> VisionConfig:
+        if self.runtime == "tensorrt" and self.precision == "int8" and not self.calibration_dir:
+            raise ValueError("vision.calibration_dir is required for runtime tensorrt at precision int8 "
+                             "(make the sets with `appliance models calibrate --out DIR ...`)")
+        return self
 
 
 class BusConfig(StrictModel):

@@ -39,6 +39,35 @@ def build(
 
 
 @app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", help="directory for the .calib.npy sets + calibration.json")],
+    video: Annotated[Path | None, typer.Option("--video", help="video file with faces")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="folder of images with faces")] = None,
+    synthetic: Annotated[int, typer.Option("--synthetic", help="N frames of the synthetic camera")] = 0,
+    emotion_model: Annotated[str | None, typer.Option("--emotion-model", help="manifest entry to crop for "
+                                                      "(default: the product's)")] = None,
+    every: Annotated[int, typer.Option("--every", help="take every k-th frame/image")] = 5,
+    frames: Annotated[int, typer.Option("--frames", help="at most this many frames (0 = all)")] = 400,
+    max_crops: Annotated[int, typer.Option("--max-crops", help="at most this many face crops")] = 512,
+    models_dir: Annotated[Path, typer.Option("--models-dir")] = DEFAULT_MODELS_DIR,
+) -> None:
+    """INT8 calibration sets: our detector's face crops (classifier preprocessing) and detector inputs."""
+    from appliance.models.calibrate import calibrate as run_calibrate
+
+    try:
+        index = run_calibrate(out, video=video, images=images, synthetic=synthetic, models_dir=models_dir,
+                              emotion_model=emotion_model, every=every, frames=frames, max_crops=max_crops)
+    except ModelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    import json
+
+    for name, e in json.loads(index.read_text())["sets"].items():
+        typer.echo(f"{name}: {e['file']} {e['shape']} {e['dtype']} sha256 {e['sha256'][:12]}")
+    typer.echo(f"wrote {index}")
+
+
+@app.command()
 def verify(
     models_dir: Annotated[Path, typer.Option("--models-dir", help="models directory to check")] = DEFAULT_MODELS_DIR,
 ) -> None:

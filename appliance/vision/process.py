@@ -26,8 +26,8 @@ from appliance.vision.affect_map import engagement, valence_arousal
 from appliance.vision.detector import BlazeFaceDetector
 from appliance.vision.emotion import DEFAULT_EMOTION_MODEL, EmotionClassifier, crop_faces
 from appliance.vision.metrics import VisionMetrics
-from appliance.vision.runtime import create_session
 from appliance.vision.tracker import IoUTracker
+from appliance.vision.trt_engine import create_vision_session
 
 log = logging.getLogger("appliance.vision")
 
@@ -89,15 +89,18 @@ class VisionPipeline:
     def __init__(self, cfg: ApplianceConfig) -> None:
         models_dir = Path(cfg.models_dir)
         manifest = verify_models(models_dir)
-        cache = Path(cfg.path("{data_dir}")) / "trt-cache"
         v = cfg.vision
+        cache = Path(cfg.path(getattr(v, "engine_cache", "{data_dir}/trt-cache")))
+        calib = getattr(v, "calibration_dir", None)
+        calib_dir = Path(cfg.path(calib)) if calib else None
         self.emotion_model = emotion_model_name(cfg)
         if manifest.entry(self.emotion_model).task != "emotion":
             raise ModelError(f"vision.emotion_model {self.emotion_model!r} is not an emotion model")
-        det = create_session(model_path(models_dir, DETECTOR_MODEL), v.providers, v.intra_op_threads,
-                             v.precision, cache)
-        emo = create_session(model_path(models_dir, self.emotion_model), v.providers, v.intra_op_threads,
-                             v.precision, cache)
+        # vision.runtime picks native TensorRT or ONNX Runtime (the default; also the fallback everywhere)
+        det = create_vision_session(model_path(models_dir, DETECTOR_MODEL), DETECTOR_MODEL, v, cache, calib_dir,
+                                    max_batch=1)
+        emo = create_vision_session(model_path(models_dir, self.emotion_model), self.emotion_model, v, cache,
+                                    calib_dir, max_batch=v.max_faces)
         self.detector = BlazeFaceDetector(det, min_score=v.min_face_score, max_faces=v.max_faces)
         self.classifier = EmotionClassifier(emo)
         self.detect_interval = v.detect_interval

@@ -7,9 +7,10 @@ Reduced precision (state at this commit; written on a CPU-only machine, so none 
 FP16 is the TensorRT EP's `trt_fp16_enable`, with its engine cache keyed by model sha256, TensorRT
 version and precision (ORT adds the GPU's compute capability). INT8 is accepted but, with no calibration
 table shipped, builds the FP16 engine and says so. Where TensorRT/CUDA are absent every precision runs
-the FP32 CPU session (tests/vision/test_runtime.py checks outputs are identical). Still to do on a GPU
-box: the native `tensorrt` builder path, an INT8 calibration cache from face crops, and engine-vs-ONNX
-parity tests (marked `gpu`).
+the FP32 CPU session (tests/vision/test_runtime.py checks outputs are identical). The native TensorRT
+path (`vision.runtime: tensorrt`: engines built per device, FP16 and calibrated INT8, cached by GPU,
+TensorRT version, model sha256, precision and shapes) is `appliance/vision/trt_engine.py`; its
+engine-vs-ONNX parity tests are marked `gpu` and `bench/gpu_session.sh` runs them on a GPU machine.
 """
 
 from __future__ import annotations
