@@ -91,6 +91,9 @@ $(PEERS_STAMP): pyproject.toml
 RANK_STAMP := $(VENV)/.installed-rank
 ML_SMALL ?= ../shared/datasets/movielens-small
 RANK_EVAL_JSON ?= build/eval-ranking.json
+# Bundles the evaluation fitted, keyed by the split's histories and the sequence parameters (reused when both
+# match; empty RANK_EVAL_CACHE= retrains everything).
+RANK_EVAL_CACHE ?= build/eval-cache
 
 $(RANK_STAMP): pyproject.toml $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,eval,train]'
@@ -98,10 +101,12 @@ $(RANK_STAMP): pyproject.toml $(STAMP)
 
 .PHONY: eval-ranking train-ranker bench-rank-model
 eval-ranking: setup $(RANK_STAMP)
-	nice -n 10 $(VENV)/bin/appliance eval ranking --interactions $(ML_SMALL)/ratings.csv \
+	APPLIANCE_EVAL_CACHE=$(RANK_EVAL_CACHE) nice -n 10 $(VENV)/bin/appliance eval ranking --interactions $(ML_SMALL)/ratings.csv \
 	  --catalog $(ML_SMALL)/movies.csv --json $(RANK_EVAL_JSON)
 
-# Writes models/ranker (records the signal weights and test metrics of $(RANK_EVAL_JSON) when it exists).
+# Writes models/ranker, fitted on ALL interactions. With $(RANK_EVAL_JSON) (when it exists) it trains the
+# sequence setting and epoch count that evaluation chose on validation and records its signal weights and
+# test metrics; without it, it chooses the epochs on its own validation run.
 train-ranker: setup $(RANK_STAMP)
 	nice -n 10 $(PY) -m appliance.ranking.train_seq --ratings $(ML_SMALL)/ratings.csv \
 	  --movies $(ML_SMALL)/movies.csv --out models/ranker $(if $(wildcard $(RANK_EVAL_JSON)),--eval-json $(RANK_EVAL_JSON))

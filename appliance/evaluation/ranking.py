@@ -51,8 +51,8 @@ from appliance.evaluation.recsys.metrics import (
 COLD_MAX = 5
 # The ranker's signal-weight grid searched on validation (the sequence weight is the unit).
 OURS_GRID: dict[str, tuple[float, ...]] = {
-    "next": (0.0, 0.5, 1.0),
-    "collaborative": (0.0, 0.5),
+    "next": (0.0, 0.2, 0.5, 1.0),
+    "collaborative": (0.0, 0.25, 0.5, 1.0),
     "content": (0.0, 0.5),
     "popularity": (0.0, 0.1),
 }
@@ -85,7 +85,12 @@ def _stage_histories(split: Split, item_rows: np.ndarray, stage: str) -> tuple[l
     return [item_rows[h] for h in split.histories(stage)], split.history_ts(stage)
 
 
+# Sequence parameters whose value here trains exactly as before they existed: left out of the cache key.
+_NEUTRAL_PARAMS = {"lr_decay": 1.0, "patience": 0}
+
+
 def _cache_key(split: Split, stage: str, params: dict) -> str:
+    params = {k: v for k, v in params.items() if not (k in _NEUTRAL_PARAMS and v == _NEUTRAL_PARAMS[k])}
     h = hashlib.sha256()
     for s in split.histories(stage):
         h.update(s.astype(np.int64).tobytes())
@@ -135,21 +140,15 @@ def rank_users(ranker, catalog, states: list, item_rows: np.ndarray, k: int) -> 
     return lists
 
 
-def eval_ours(split: Split, catalog, item_rows: np.ndarray, diversity: float, log: Callable[[str], None],
-              work: Path, cache: Path | None, next_n: int = 10, seq_params: dict | None = None) -> dict[str, Any]:
-    from appliance.ranking.bundle import RankerBundle
-    from appliance.ranking.ranker import Ranker, SignalWeights
-    from appliance.ranking.train_seq import SeqParams
+def _cached_dir(cache: Path | None, split: Split, stage: str, params) -> Path | None:
+    return cache / f"bundle-{stage}-{_cache_key(split, stage, asdict(params))}" if cache else None
 
-    p = replace(SeqParams(), **(seq_params or {}))
-    t0 = time.time()
 
-    def cached(stage: str, params) -> Path | None:
-        return cache / f"bundle-{stage}-{_cache_key(split, stage, asdict(params))}" if cache else None
-
-    # Validation stage: train on train with NDCG@10 on validation every few epochs; the best epoch's
-    # model is the validation bundle's, and its epoch count is used to refit on train + validation.
-    dv = cached("valid", p) or work / "valid"
+def validation_bundle(split: Split, catalog, item_rows: np.ndarray, p, log: Callable[[str], None],
+                      dv: Path) -> Path:
+    """The validation stage's bundle at `dv` (trained unless already there): the sequence model trained
+    on the train part for at most p.epochs, NDCG@10 on the validation item every p.eval_every epochs, the
+    best epoch's snapshot kept (its epoch count is then used to refit on train + validation)."""
     if not (dv / "manifest.json").exists():
         log("  ours: training the sequence model on train, choosing epochs on validation")
         from appliance.ranking import train_seq
@@ -161,6 +160,24 @@ def eval_ours(split: Split, catalog, item_rows: np.ndarray, diversity: float, lo
         shutil.rmtree(tmp, ignore_errors=True)
         _fit_bundle(split, catalog, item_rows, "valid", p, tmp, log, model=model, curve=curve)
         tmp.replace(dv)
+    return dv
+
+
+def eval_ours(split: Split, catalog, item_rows: np.ndarray, diversity: float, log: Callable[[str], None],
+              work: Path, cache: Path | None, next_n: int = 10, seq_params: dict | None = None) -> dict[str, Any]:
+    from appliance.ranking.bundle import RankerBundle
+    from appliance.ranking.ranker import Ranker, SignalWeights
+    from appliance.ranking.train_seq import SeqParams
+
+    p = replace(SeqParams(), **(seq_params or {}))
+    t0 = time.time()
+
+    def cached(stage: str, params) -> Path | None:
+        return _cached_dir(cache, split, stage, params)
+
+    # Validation stage: train on train with NDCG@10 on validation every few epochs; the best epoch's
+    # model is the validation bundle's, and its epoch count is used to refit on train + validation.
+    dv = validation_bundle(split, catalog, item_rows, p, log, cached("valid", p) or work / "valid")
     bv = RankerBundle.load(dv)
     curve = bv.manifest["sequence"].get("curve") or []
     epochs = int(bv.manifest["sequence"].get("best_epoch") or p.epochs)

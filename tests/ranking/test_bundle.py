@@ -16,7 +16,7 @@ from .conftest import BUNDLE_DIR
 
 
 def test_committed_bundle_is_complete_and_small(bundle: RankerBundle) -> None:
-    assert bundle.version == "ml-small-sasrec-1"
+    assert bundle.version == "ml-small-sasrec-1.1"
     n = len(bundle.item_ids)
     assert n == len(bundle.catalog_rows) == 9742
     assert bundle.item_factors.shape == (n, bundle.dim) and 32 <= bundle.dim <= 64

@@ -133,9 +133,11 @@ def test_mmr_lowers_intra_list_similarity(bundle, catalog) -> None:
         p, s = _state(catalog, [(COMPLETE, int(i)) for i in rng.choice(catalog.ids[:3000], 15, replace=False)])
         before.append(ils(plain, plain.rank(p, s, None, False, RankContext(1, -1, -1, 5), None, 10, NOW)))
         after.append(ils(mmr, mmr.rank(p, s, None, False, RankContext(1, -1, -1, 5), None, 10, NOW)))
-    # Greedy MMR over a pool is not a per-list guarantee, but it lowers similarity on the whole (the NDCG
-    # cost is measured by `appliance eval ranking`: recorded in the bundle's manifest, <= 2%).
-    assert np.mean(after) < np.mean(before) and sum(a < b for a, b in zip(after, before)) >= 8
+    # Greedy MMR over a pool is not a per-list guarantee: where the best titles lead by far it keeps the
+    # list as it is. It must never make a list more similar, lower similarity on the whole, and change a
+    # good share of the lists (the NDCG cost is measured by `appliance eval ranking`: in the manifest, <= 2%).
+    assert all(a <= b + 1e-6 for a, b in zip(after, before))
+    assert np.mean(after) < np.mean(before) and sum(a < b - 1e-6 for a, b in zip(after, before)) >= 4
 
 
 def test_three_events_move_the_top10_with_the_shipped_weights(ranker, catalog) -> None:
