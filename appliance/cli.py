@@ -213,20 +213,33 @@ app.add_typer(federation_app, name="federation")
 def federation_simulate(
         interactions: Path = typer.Option(Path("../shared/datasets/movielens-small/ratings.csv"),
                                           help="userId,movieId,rating,timestamp CSV: one box per user"),
-        bundle: Path = typer.Option(Path("models/ranker"), help="ranking bundle whose head is fine-tuned"),
+        bundle: Path = typer.Option(Path("models/ranker"), help="reference bundle: its catalog (content "
+                                    "metadata) is what the panel start is trained over"),
+        start_bundle: Path | None = typer.Option(None, help="start from this bundle instead of training the "
+                                                 "panel start (tests; a bundle trained on everyone leaks)"),
+        panel_share: float = typer.Option(0.2, help="share of users in the central opted-in panel"),
         nodes: int | None = typer.Option(None, help="boxes (default: every user)"),
         rounds: int = typer.Option(20), epsilon: float = typer.Option(2.0), delta: float = typer.Option(1e-5),
-        clip: float = typer.Option(0.5, help="L2 bound C of one box's update"),
+        clip: float = typer.Option(0.25, help="L2 bound C of one box's update"),
         cohort: int | None = typer.Option(None, help="boxes per round (default: all)"),
-        compression: float = typer.Option(16.0, help="dense float32 bytes / SecAgg+ update upload"),
+        compression: float = typer.Option(12.0, help="dense float32 bytes / SecAgg+ update payload"),
+        lr: float = typer.Option(5.0, help="boxes' local step on the title biases"),
+        lr_adapter: float = typer.Option(0.05, help="boxes' local step on the query adapter"),
+        lr_features: float = typer.Option(0.5, help="boxes' local step on the title-feature weights"),
+        local_epochs: int = typer.Option(2),
+        server_lr: float = typer.Option(5.0, help="server step on the noisy mean update"),
+        server_shrink: float = typer.Option(0.0, help="soft threshold on the noisy mean, in noise std"),
         dropout: float = typer.Option(0.0, help="share of boxes that drop after sharing keys"),
+        seed: int = typer.Option(0),
         json_out: Path | None = typer.Option(None, "--json")) -> None:
     """Fleet-size federated run in one process (real Flower ServerApp/ClientApps, no Ray); prints JSON."""
     from appliance.federation.simulate import simulate, write_json
 
     result = simulate(interactions, bundle, nodes=nodes, rounds=rounds, epsilon=epsilon, delta=delta,
-                      clip=clip, cohort=cohort, compression=compression, dropout=dropout,
-                      log=lambda m: print(m, file=sys.stderr))
+                      clip=clip, cohort=cohort, compression=compression, lr=lr, lr_adapter=lr_adapter,
+                      lr_features=lr_features, local_epochs=local_epochs, server_lr=server_lr, server_shrink=server_shrink,
+                      panel_share=panel_share, start_bundle=start_bundle, dropout=dropout, seed=seed,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
     write_json(result, json_out)
     print(json.dumps(result, indent=2))
 

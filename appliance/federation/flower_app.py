@@ -80,7 +80,8 @@ class RunSettings:
     sampling: str = "fixed_size"
     compression: float = 16.0          # dense float32 bytes of the head / SecAgg+ upload bytes
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
-    server_lr: float = 1.0
+    server_lr: float = 1.0             # the server's step on the noisy mean update
+    server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
     num_shares: float | int = 1.0      # SecAgg+: float = share of the cohort, int = count of boxes
     reconstruction_threshold: float | int = 0.5  # each box's secrets are split among / needed to rebuild
     quantization_range: int = 2**22
@@ -88,9 +89,12 @@ class RunSettings:
     n_items: int = 0
     dim: int = 0
     rank: int = 4
+    n_feat: int = 0                    # public title features the head's w weighs (0: no w)
     head_seed: int = 0
     start: str = ""                    # .npy of the start head ("" = identity head from head_seed)
-    lr: float = 0.5                    # the boxes' local SGD
+    lr: float = 0.5                    # the boxes' local SGD step on the title biases
+    lr_adapter: float = 0.05           # ... and on the query adapter (it moves every score at once)
+    lr_features: float = 0.5           # ... and on the feature weights w
     local_epochs: int = 2
     batch: int = 64
     out_dir: str = ""                  # where the server writes result.json and head.npy
@@ -112,7 +116,7 @@ class RunSettings:
 
     @property
     def shape(self) -> HeadShape:
-        return HeadShape(self.n_items, self.dim, self.rank)
+        return HeadShape(self.n_items, self.dim, self.rank, self.n_feat)
 
 
 @dataclass
@@ -151,16 +155,20 @@ class RunResult:
 
 
 class HeadClient(NumPyClient):
-    """One box: its own (query, next title) examples and the bundle's item table; nothing else."""
+    """One box: its own (query, next title) examples and the bundle's item table and title features;
+    nothing else. `base` (queries @ items.T, optional) is the frozen part of the box's logits, kept
+    between rounds."""
 
-    def __init__(self, queries: np.ndarray, targets: np.ndarray, items: np.ndarray) -> None:
-        self.queries, self.targets, self.items = queries, targets, items
+    def __init__(self, queries: np.ndarray, targets: np.ndarray, items: np.ndarray,
+                 base: np.ndarray | None = None, features: np.ndarray | None = None) -> None:
+        self.queries, self.targets, self.items, self.base = queries, targets, items, base
+        self.features = features
 
     def get_parameters(self, config):  # the server always brings the start head
         return []
 
     def fit(self, parameters, config):
-        shape = HeadShape(int(config["n-items"]), int(config["dim"]), int(config["rank"]))
+        shape = HeadShape(int(config["n-items"]), int(config["dim"]), int(config["rank"]), int(config["n-feat"]))
         if self.items.shape != (shape.n_items, shape.dim):
             raise ValueError(f"head expects items {shape.n_items}x{shape.dim}, box has {self.items.shape}")
         theta = np.frombuffer(config["global"], dtype=np.float32).astype(np.float64)
@@ -171,8 +179,9 @@ class HeadClient(NumPyClient):
         sub, _ = client_update(shape, theta, self.queries, self.targets, self.items,
                                server_round=server_round, run_seed=int(config["run-seed"]), k=k,
                                clip=float(config["clipping_norm"]), lr=float(config["lr"]),
-                               epochs=int(config["local-epochs"]), batch=int(config["batch"]),
-                               seed=server_round)
+                               lr_adapter=float(config["lr-adapter"]), lr_features=float(config["lr-features"]),
+                               epochs=int(config["local-epochs"]), batch=int(config["batch"]), seed=server_round,
+                               base=self.base, features=self.features)
         return [sub], 1, {}  # weight 1 (SecAgg+ max_weight 1), no metrics: the server sees them in clear
 
     def evaluate(self, parameters, config):  # no federated evaluation: a loss is a signal about the box
@@ -198,6 +207,13 @@ def make_client_app(data_fn=load_node_data, outer_mods=()) -> ClientApp:
 
 
 # --------------------------------------------------------------------------------------------- server
+
+
+def soft_threshold(x: np.ndarray, lam: float) -> np.ndarray:
+    """sign(x) * max(|x| - lam, 0); the identity for lam <= 0."""
+    if lam <= 0:
+        return np.asarray(x, dtype=np.float64)
+    return np.sign(x) * np.maximum(np.abs(x) - lam, 0.0)
 
 
 class SubsetFedAvg(FedAvg):
@@ -227,18 +243,22 @@ class SubsetFedAvg(FedAvg):
         clients = client_manager.sample(num_clients=s.cohort, min_num_clients=s.cohort)
         config = {
             "round": server_round, "k": self.k, "run-seed": s.run_seed,
-            "n-items": s.n_items, "dim": s.dim, "rank": s.rank,
-            "lr": s.lr, "local-epochs": s.local_epochs, "batch": s.batch,
+            "n-items": s.n_items, "dim": s.dim, "rank": s.rank, "n-feat": s.n_feat,
+            "lr": s.lr, "lr-adapter": s.lr_adapter, "lr-features": s.lr_features, "local-epochs": s.local_epochs, "batch": s.batch,
             "global": self.theta.astype(np.float32).tobytes(),
         }
         ins = FitIns(ndarrays_to_parameters([np.zeros(self.k)]), config)
         self.last_sampled = len(clients)
         return [(c, ins) for c in clients]
 
-    def apply(self, server_round: int, mean_update: np.ndarray) -> np.ndarray:
-        idx = round_subset(self.shape.n_params, self.k, server_round, self.settings.run_seed)
+    def apply(self, server_round: int, mean_update: np.ndarray, noise_std: float = 0.0) -> np.ndarray:
+        """theta[subset] += server_lr * shrink(noisy mean). The soft threshold (at server_shrink noise
+        std, a public number) is post-processing of the DP release: it zeroes the coordinates where
+        the mean is indistinguishable from noise (titles few boxes watched) and keeps the rest."""
+        idx = round_subset(self.shape.n_params, self.k, server_round, self.settings.run_seed,
+                           always=self.shape.n_feat)
         self.theta = self.theta.copy()
-        self.theta[idx] += self.settings.server_lr * mean_update
+        self.theta[idx] += self.settings.server_lr * soft_threshold(mean_update, self.settings.server_shrink * noise_std)
         return self.theta
 
 
@@ -274,7 +294,7 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
         std = self.noise_multiplier * self.clipping_norm / m
         noisy = mean + self.rng.normal(0.0, std, size=mean.shape)
         eps = self.ledger.record_round()
-        theta = self.inner.apply(server_round, noisy)
+        theta = self.inner.apply(server_round, noisy, std)
         rec = RoundRecord(server_round, self.inner.last_sampled, m, self.inner.last_sampled - m, eps, std)
         self.records.append(rec)
         log(INFO, "round %s: %s of %s boxes aggregated, noise std %.3g, epsilon so far %.4f",

@@ -5,10 +5,17 @@ The sequence model (`sequence.onnx`) stays frozen: it turns a household's recent
 learns a small *head* on top of it:
 
     q'              = q + U (V q)                 low-rank adapter on the query (rank r)
-    score(title i)  = <q', e_i> + b_i             per-title output bias
+    score(title i)  = <q', e_i> + b_i + <f_i, w>  per-title output bias + a bias from public title
+                                                  features f_i (content metadata and the panel's
+                                                  popularity: `panel.title_features`)
 
-    parameters: b (n_items) + U (d x r) + V (r x d)  ->  n_items + 2 d r
-    (MovieLens-small bundle: 9,742 + 2*64*4 = 10,254 floats, 41,016 bytes as dense float32)
+    parameters: b (n_items) + U (d x r) + V (r x d) + w (n_feat)  ->  n_items + 2 d r + n_feat
+    (MovieLens-small bundle, rank 4, 38 features: 9,742 + 512 + 38 = 10,292 floats, 41,168 bytes float32)
+
+Why both biases: under user-level DP the noise on the averaged update is z C / m per coordinate, the
+same for every coordinate, while a title's own bias only gets signal from the few boxes that watched it:
+per-title biases are learnt only for the most watched titles, whereas w is pushed the same way by
+almost every box and is learnt every round (its coordinates are in every round's subset).
 
 The head starts as the identity (b = 0, U = 0, V small and random but fixed by the shared start), so
 the start model ranks exactly as the bundle does; what the fleet adds is a popularity/taste shift that
@@ -36,10 +43,24 @@ class HeadShape:
     n_items: int
     dim: int
     rank: int = 4
+    n_feat: int = 0
 
     @property
     def n_params(self) -> int:
-        return self.n_items + 2 * self.dim * self.rank
+        return self.n_items + 2 * self.dim * self.rank + self.n_feat
+
+    def feature_weights(self, theta: np.ndarray) -> np.ndarray:
+        """View of w (the last n_feat parameters)."""
+        return theta[self.n_params - self.n_feat:]
+
+    def bias(self, theta: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """Every title's total bias b + F w [n_items]."""
+        b = theta[:self.n_items]
+        if self.n_feat == 0:
+            return b
+        if features is None or features.shape != (self.n_items, self.n_feat):
+            raise ValueError(f"the head needs title features [{self.n_items}, {self.n_feat}]")
+        return b + features @ self.feature_weights(theta).astype(features.dtype)
 
     def split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Views (b [n_items], U [d, r], V [r, d]) into a flat parameter vector."""
@@ -48,7 +69,7 @@ class HeadShape:
         n, d, r = self.n_items, self.dim, self.rank
         b = theta[:n]
         u = theta[n:n + d * r].reshape(d, r)
-        v = theta[n + d * r:].reshape(r, d)
+        v = theta[n + d * r:n + 2 * d * r].reshape(r, d)
         return b, u, v
 
     def initial(self, seed: int = 0, v_scale: float = 0.1) -> np.ndarray:
@@ -64,55 +85,90 @@ def adapt_queries(shape: HeadShape, theta: np.ndarray, queries: np.ndarray) -> n
     return queries + (queries @ v.T) @ u.T
 
 
-def head_scores(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+def head_scores(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, items: np.ndarray,
+                features: np.ndarray | None = None) -> np.ndarray:
     """Scores [batch, n_items] of every title for a batch of queries [batch, d]."""
-    b, _, _ = shape.split(theta)
-    return adapt_queries(shape, theta, queries) @ items.T + b
+    return adapt_queries(shape, theta, queries) @ items.T + shape.bias(theta, features)
 
 
 def loss_and_grad(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, targets: np.ndarray,
-                  items: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean full-softmax cross-entropy of the next title, and its gradient w.r.t. theta."""
+                  items: np.ndarray, base: np.ndarray | None = None,
+                  features: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Mean full-softmax cross-entropy of the next title, and its gradient w.r.t. theta.
+
+    `base` = queries @ items.T may be given (it does not depend on theta): the rest is then O(n I r),
+    because every adapter term goes through the r-dimensional bottleneck (A = items @ U is [I, r]):
+
+        logits = base + (Q V^T) A^T + b
+        dL/db = G.sum(0),  dL/dU = items^T (G^T H),  dL/dV = (G A)^T Q      (G = dL/dlogits, H = Q V^T)
+    """
     b, u, v = shape.split(theta)
+    dt = queries.dtype if queries.dtype in (np.float32, np.float64) else np.float64
     n = len(targets)
-    h = queries @ v.T                                   # [n, r]
-    qa = queries + h @ u.T                              # [n, d]
-    logits = qa @ items.T + b                           # [n, I]
+    h = queries @ v.T.astype(dt)                        # [n, r]
+    a = items @ u.astype(dt)                            # [I, r]
+    if base is None:
+        base = queries @ items.T
+    logits = base + h @ a.T + shape.bias(theta, features).astype(dt)  # [n, I]
     logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
+    p = np.exp(logits, out=logits)
     p /= p.sum(axis=1, keepdims=True)
-    loss = float(-np.mean(np.log(np.maximum(p[np.arange(n), targets], 1e-30))))
+    rows = np.arange(n)
+    loss = float(-np.mean(np.log(np.maximum(p[rows, targets], 1e-30))))
     g = p
-    g[np.arange(n), targets] -= 1.0
+    g[rows, targets] -= 1.0
     g /= n                                              # dL/dlogits
-    grad = np.zeros_like(theta)
+    grad = np.zeros(shape.n_params, dtype=np.float64)
     gb, gu, gv = shape.split(grad)
     gb[:] = g.sum(axis=0)
-    dqa = g @ items                                     # [n, d]
-    gu[:] = dqa.T @ h                                   # [d, r]
-    gv[:] = (dqa @ u).T @ queries                       # [r, d]
+    if shape.n_feat:
+        shape.feature_weights(grad)[:] = features.T @ g.sum(axis=0)  # dL/dw = F^T dL/db
+    gu[:] = items.T @ (g.T @ h)                         # [d, r]
+    gv[:] = (g @ a).T @ queries                         # [r, d]
     return loss, grad
 
 
+def lr_vector(shape: HeadShape, lr: float, lr_adapter: float | None = None,
+              lr_features: float | None = None) -> np.ndarray:
+    """Per-parameter step size: `lr` for the title biases, `lr_adapter` (default: lr) for U and V,
+    `lr_features` (default: lr) for w."""
+    out = np.full(shape.n_params, float(lr))
+    out[shape.n_items:shape.n_params - shape.n_feat] = float(lr if lr_adapter is None else lr_adapter)
+    if shape.n_feat:
+        out[shape.n_params - shape.n_feat:] = float(lr if lr_features is None else lr_features)
+    return out
+
+
 def local_train(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, targets: np.ndarray,
-                items: np.ndarray, *, lr: float = 0.5, epochs: int = 2, batch: int = 64,
-                weight_decay: float = 0.0, seed: int = 0) -> np.ndarray:
-    """A few epochs of SGD on one box's own examples; returns the new head (theta is not modified)."""
+                items: np.ndarray, *, lr: float = 0.5, lr_adapter: float | None = None,
+                lr_features: float | None = None, epochs: int = 2, batch: int = 64, weight_decay: float = 0.0,
+                seed: int = 0, dtype: type = np.float32, base: np.ndarray | None = None,
+                features: np.ndarray | None = None) -> np.ndarray:
+    """A few epochs of SGD on one box's own examples; returns the new head (theta is not modified).
+
+    The biases and the adapter have their own step sizes (a bias step moves one title's score by lr x
+    its gradient; an adapter step moves every score, so it wants a much smaller one). The frozen part
+    of the logits (`base` = queries @ items.T, which a box may keep between rounds) is computed once
+    per call when not given; arithmetic is float32 by default."""
     theta = np.array(theta, dtype=np.float64, copy=True)
-    queries = np.asarray(queries, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.int64)
-    items = np.asarray(items, dtype=np.float64)
     if len(targets) == 0:
         return theta
+    queries = np.asarray(queries, dtype=dtype)
+    targets = np.asarray(targets, dtype=np.int64)
+    items = np.asarray(items, dtype=dtype)
+    if base is None:
+        base = queries @ items.T
+    step = lr_vector(shape, lr, lr_adapter, lr_features)
+    feats = None if features is None else np.asarray(features, dtype=dtype)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(len(targets))
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
-            _, grad = loss_and_grad(shape, theta, queries[idx], targets[idx], items)
+            _, grad = loss_and_grad(shape, theta, queries[idx], targets[idx], items, base[idx], feats)
             if weight_decay:
                 grad += weight_decay * theta
-            theta -= lr * grad
+            theta -= step * grad
     return theta
 
 
@@ -136,13 +192,27 @@ def subset_size(n_params: int, compression: float) -> int:
     return k
 
 
-def round_subset(n_params: int, k: int, server_round: int, run_seed: int) -> np.ndarray:
+def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always: int = 0) -> np.ndarray:
     """This round's coordinates (sorted, distinct): a function of public values only, so every box and
-    the server derive the same subset and the masked sum of the boxes' sub-vectors stays aligned."""
+    the server derive the same subset and the masked sum of the boxes' sub-vectors stays aligned.
+
+    Rounds walk through a seeded random permutation of all coordinates in blocks of k (floor(n/k)
+    blocks per pass; the n mod k left over wait for a later pass, which uses a fresh permutation): every
+    coordinate is updated about once per n/k rounds. A fresh uniform draw each round would, over 20
+    rounds at 1/20 of the head per round, leave e^-1 = 37% of the head never updated.
+
+    The last `always` coordinates (the feature weights w) are in every round's subset; the blocks
+    rotate over the others."""
     if not 0 < k <= n_params:
         raise ValueError(f"k must be within 1..{n_params}, got {k}")
-    rng = np.random.default_rng([int(run_seed), int(server_round)])
-    return np.sort(rng.choice(n_params, size=k, replace=False))
+    if not 0 <= always < k:
+        raise ValueError(f"always must be within 0..{k - 1}, got {always}")
+    if server_round < 1:
+        raise ValueError("rounds count from 1")
+    n_rot, k_rot = n_params - always, k - always
+    epoch, block = divmod(int(server_round) - 1, n_rot // k_rot)
+    perm = np.random.default_rng([int(run_seed), epoch]).permutation(n_rot)
+    return np.concatenate([np.sort(perm[block * k_rot:(block + 1) * k_rot]), np.arange(n_rot, n_params)])
 
 
 def client_update(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, targets: np.ndarray,
@@ -152,7 +222,7 @@ def client_update(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, targ
 
     Returns (clipped sub-vector [k], norm of the sub-vector before clipping)."""
     new = local_train(shape, theta, queries, targets, items, **train_kw)
-    idx = round_subset(shape.n_params, k, server_round, run_seed)
+    idx = round_subset(shape.n_params, k, server_round, run_seed, always=shape.n_feat)
     return clip_l2((new - theta)[idx], clip)
 
 

@@ -48,7 +48,8 @@ def _expected_mean(settings, data, boxes, theta, server_round, k):
     shape = settings.shape
     theta32 = theta.astype(np.float32).astype(np.float64)  # what the boxes receive
     subs = [client_update(shape, theta32, *data[b], server_round=server_round, run_seed=settings.run_seed,
-                          k=k, clip=settings.clip, lr=settings.lr, epochs=settings.local_epochs,
+                          k=k, clip=settings.clip, lr=settings.lr, lr_adapter=settings.lr_adapter,
+                          epochs=settings.local_epochs,
                           batch=settings.batch, seed=server_round)[0] for b in boxes]
     return np.mean(subs, axis=0)
 
@@ -174,7 +175,7 @@ def test_cli_simulate_on_a_few_movielens_users(tmp_path):
         pytest.skip("no ranking bundle with a sequence model")
     out = tmp_path / "sim.json"
     res = CliRunner().invoke(app, ["federation", "simulate", "--interactions", str(ratings), "--bundle",
-                                   str(bundle), "--nodes", "4", "--rounds", "1", "--epsilon", "2",
+                                   str(bundle), "--start-bundle", str(bundle), "--nodes", "4", "--rounds", "1", "--epsilon", "2",
                                    "--json", str(out)])
     assert res.exit_code == 0, res.output
     import json
@@ -184,7 +185,9 @@ def test_cli_simulate_on_a_few_movielens_users(tmp_path):
                 "centralized.NDCG@10", "start_only.NDCG@10", "upload_bytes_per_client_round",
                 "dense_bytes_per_client_round", "dropout_rate"):
         assert key in r
-    assert r["nodes"] == 4 and r["rounds"] == 1 and r["epsilon"] <= 2.0 and r["federated_params"] == 10254
+    assert r["nodes"] == 4 and r["rounds"] == 1 and r["epsilon"] <= 2.0
+    assert r["federated_params"] == 9742 + 2 * 64 * 4 + 38 == 10292   # title bias + adapter + feature weights
+    assert r["federated_parts"] == {"title_bias": 9742, "query_adapter": 512, "feature_weights": 38}
     assert r["dense_bytes_per_client_round"] / r["upload_bytes_per_client_round"] >= 10
 
 
@@ -216,7 +219,8 @@ def test_the_server_only_ever_sees_masked_updates_and_no_metrics():
         masked = [bytes_to_ndarray(b) for b in msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
         as_if_clear = dequantize(masked[1:], s.clip, s.quantization_range)[0]
         own = client_update(s.shape, theta32, *data[nid - 1000], server_round=1, run_seed=s.run_seed,
-                            k=res.subset_k, clip=s.clip, lr=s.lr, epochs=s.local_epochs, batch=s.batch,
+                            k=res.subset_k, clip=s.clip, lr=s.lr, lr_adapter=s.lr_adapter,
+                            epochs=s.local_epochs, batch=s.batch,
                             seed=1)[0]
         assert np.abs(as_if_clear).max() > 100 * s.clip          # masked values span the whole modulus
         assert abs(np.corrcoef(as_if_clear, own)[0, 1]) < 0.9    # and carry no visible trace of the update

@@ -86,13 +86,17 @@ def test_round_subset_is_aligned_across_boxes_and_changes_per_round():
     np.testing.assert_array_equal(a, b)
     assert len(np.unique(a)) == k and a.min() >= 0 and a.max() < n and np.all(np.diff(a) > 0)
     c = round_subset(n, k, server_round=4, run_seed=7)
-    assert len(np.intersect1d(a, c)) < k // 4          # a fresh subset each round
+    assert len(np.intersect1d(a, c)) == 0                # a fresh block each round
     assert not np.array_equal(a, round_subset(n, k, server_round=3, run_seed=8))
-    # over many rounds every coordinate gets its turn (uniform draw)
+    # every coordinate gets its turn once per ceil(n / k) rounds, then once again, never twice in a round
     seen = np.zeros(1000, dtype=int)
-    for r in range(1, 401):
+    for r in range(1, 21):                                # 20 rounds x 50 = one full pass
         seen[round_subset(1000, 50, r, 7)] += 1
-    assert seen.min() > 0 and seen.sum() == 400 * 50
+    assert seen.min() == seen.max() == 1
+    seen[:] = 0
+    for r in range(1, 15):                                # k does not divide n: 14 blocks per pass
+        seen[round_subset(1000, 70, r, 7)] += 1
+    assert seen.max() == 1 and seen.sum() == 980
 
 
 def test_aligned_subset_sum_equals_subset_of_sum():
@@ -129,3 +133,36 @@ def test_client_update_is_clipped_and_on_the_subset():
 def test_examples_from_history_keeps_the_newest():
     pairs = examples_from_history(np.array([4, 2, 9, 7]), max_examples=2)
     assert [(p.tolist(), t) for p, t in pairs] == [([4, 2], 9), ([4, 2, 9], 7)]
+
+
+def test_feature_weights_gradient_and_every_round_subset():
+    items, queries, targets = _toy(n_items=12, d=5, n=7)
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(12, 3))
+    shape = HeadShape(12, 5, rank=2, n_feat=3)
+    assert shape.n_params == 12 + 20 + 3
+    theta = rng.normal(scale=0.3, size=shape.n_params)
+    np.testing.assert_allclose(shape.bias(theta, feats), theta[:12] + feats @ theta[-3:])
+    _, grad = loss_and_grad(shape, theta, queries, targets, items, features=feats)
+    eps = 1e-6
+    for i in [*range(shape.n_params - 3, shape.n_params), 0, 13, 25]:
+        e = np.zeros_like(theta)
+        e[i] = eps
+        num = (loss_and_grad(shape, theta + e, queries, targets, items, features=feats)[0]
+               - loss_and_grad(shape, theta - e, queries, targets, items, features=feats)[0]) / (2 * eps)
+        assert grad[i] == pytest.approx(num, rel=1e-4, abs=1e-7)
+    # the feature weights are in every round's subset; the rest rotates in disjoint blocks
+    seen = np.zeros(1000, dtype=int)
+    for r in range(1, 11):
+        sub = round_subset(1000, 60, r, 3, always=10)
+        assert len(np.unique(sub)) == 60 and set(range(990, 1000)) <= set(sub.tolist())
+        seen[sub] += 1
+    assert (seen[990:] == 10).all() and seen[:990].max() == 1 and seen[:990].sum() == 500
+
+
+def test_soft_threshold_is_the_identity_at_zero_and_shrinks_towards_zero():
+    from appliance.federation.flower_app import soft_threshold
+
+    x = np.array([-3.0, -0.5, 0.0, 0.2, 2.0])
+    np.testing.assert_array_equal(soft_threshold(x, 0.0), x)
+    np.testing.assert_allclose(soft_threshold(x, 1.0), [-2.0, 0.0, 0.0, 0.0, 1.0])
