@@ -31,6 +31,8 @@ def test_secagg_neighbourhood_is_small_and_absolute_for_large_cohorts():
 
 @pytest.mark.slow
 def test_panel_bundle_is_trained_on_panel_users_only_and_cached(tmp_path):
+    pytest.importorskip("torch")  # the panel start is trained by the offline job (the `train` extra)
+    pytest.importorskip("onnx")
     from appliance.ranking.bundle import RankerBundle
     from appliance.ranking.train_seq import SeqParams
     from tests.conftest import REPO, shared_path
