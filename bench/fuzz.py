@@ -267,7 +267,9 @@ class Fuzzer:
             return "mutated", bytes(data)
         if r < 0.97:
             return "random", self.rng.randbytes(self.rng.choice([0, 1, 2, 5, 16, 100, 1000, 5000]))
-        return "oversize", b"\x0a" + _varint(self.max_bytes + 100) + b"a" * (self.max_bytes + 100)
+        from appliance.serving.rankpath import encode_varint
+
+        return "oversize", b"\x0a" + encode_varint(self.max_bytes + 100) + b"a" * (self.max_bytes + 100)
 
     # -- one case -----------------------------------------------------------------------------------
     def case(self) -> None:
@@ -350,15 +352,6 @@ class Fuzzer:
             return True
         except grpc.RpcError:
             return False
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
 
 
 def main(argv: list[str]) -> int:

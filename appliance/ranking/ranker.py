@@ -161,8 +161,8 @@ class _Derived:
     p_hat: np.ndarray
     seq_q: np.ndarray | None        # the sequence encoder's query for the history (None: no evidence)
     seq_recent: np.ndarray | None   # catalog rows of the newest titles a sequence reason may name
-    next_vec: np.ndarray | None     # catalog-sized "watched next" scores (None: no chain or no history)
-    next_recent: np.ndarray | None  # the recent catalog rows it used, newest first
+    next_recent: np.ndarray | None  # the recent catalog rows the "watched next" row of `base` used, newest
+                                    # first (None: no chain or no history, and that row is 0)
     kinds: dict                     # item id -> Positive, for "Because you just watched/liked X"
     base: np.ndarray                # [3, catalog]: per title the raw sequence and "next" scores (z-scored
                                     # over the candidates at Rank time) and the sum of the other state terms
@@ -339,11 +339,14 @@ class Ranker:
             if len(hrows):
                 seq_q = self.seq.encode(self._brow[hrows])
                 seq_recent = hrows[-SEQ_REASON_RECENT:]
-        next_vec = next_recent = None
+        # Three rows per title (~12 bytes x catalog per session): the two terms that are z-scored over each
+        # request's candidates, and the sum of the rest. The top k's split of that sum is recomputed.
+        base = np.zeros((3, len(self.catalog)), dtype=np.float32)
+        next_recent = None
         if w.next and self.trans is not None and st.history:
             next_recent = self._next_recent(st.history)
             indptr, cols, vals = self.trans
-            next_vec = np.zeros(len(self.catalog), dtype=np.float32)
+            next_vec = base[1]
             for k, c in enumerate(next_recent.tolist()):
                 a, e = indptr[c], indptr[c + 1]
                 if a != e:
@@ -351,17 +354,8 @@ class Ranker:
         kinds = dict(st.profile_pos)
         kinds.update(dict(st.session_pos))
         w_pop = w.popularity + w.popularity_cold * cold
-        # Three rows per title (~12 bytes x catalog per session): the two terms that are z-scored over each
-        # request's candidates, and the sum of the rest. The top k's split of that sum is recomputed.
-        base = np.empty((3, len(self.catalog)), dtype=np.float32)
         if seq_q is not None:
             np.matmul(self.S, seq_q, out=base[0])
-        else:
-            base[0] = 0.0
-        if next_vec is not None:
-            base[1] = next_vec
-        else:
-            base[1] = 0.0
         session_w = (w.session * s_hat).astype(np.float32)
         content_w = (w.content * p_hat).astype(np.float32)
         np.matmul(self.Gs, session_w + content_w, out=base[2])
@@ -370,7 +364,7 @@ class Ranker:
         if w_pop:
             base[2] += self.pop_z * np.float32(w_pop)
         return _Derived(excl, prow, pw, pitems, pkinds, s_hat, p_hat, seq_q, seq_recent,
-                        next_vec, next_recent, kinds, base, taste, session_w, content_w, w_pop)
+                        next_recent, kinds, base, taste, session_w, content_w, w_pop)
 
     def _positives(self, st: _StateView) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
         """Catalog rows, weights, ids and kinds of the positive titles, newest counted most: a title in
@@ -493,7 +487,7 @@ class Ranker:
             else:
                 B[0] = 0.0
         nxt = None
-        if d.next_vec is not None and B[1].any():
+        if d.next_recent is not None and B[1].any():
             _zscore(B[1], None, w.next, B[1])
             nxt = d.next_recent
         score = B.sum(axis=0)

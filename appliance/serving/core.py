@@ -123,20 +123,12 @@ class ApplianceCore:
             self._sessions[s.session_id] = LiveSession(s.session_id, s.profile_id, s.device,
                                                        SessionState(s.profile_id, s.session_id, self.catalog))
         n = 0
-        share = self.catalog.genre_share
         for b in self.store.iter_batches():
-            rows, known = self.catalog.index_of(b.item_ids)
-            if not known.all():  # titles removed from the catalog since
-                rows, types, items, ts, vals = rows[known], b.types[known], b.item_ids[known], \
-                    b.client_time_ms[known], b.values[known]
-            else:
-                types, items, ts, vals = b.types, b.item_ids, b.client_time_ms, b.values
             prof = self._profiles.get(b.profile_id)
             if prof is None:
                 prof = self._profiles[b.profile_id] = ProfileState(b.profile_id, self.catalog)
             live = self._sessions.get(b.session_id)
-            apply_batch(prof, live.state if live is not None else None, types, items, ts, vals, rows, share)
-            n += len(types)
+            n += self._replay(b, prof, live.state if live is not None else None)
         log.info("state rebuilt: %d profiles, %d open sessions, %d events in %.0f ms",
                  len(self._profiles), len(self._sessions), n, (time.perf_counter() - t0) * 1e3)
 
@@ -147,7 +139,6 @@ class ApplianceCore:
         cutoff = (now_ms() if now_ms_ is None else now_ms_) - self.cfg.store.event_retention_days * 86_400_000
         with self._lock:  # the event writer cannot commit or apply in between
             deleted, touched = self.store.purge_before(cutoff)
-            share = self.catalog.genre_share
             for pid in touched:
                 prof = self._profiles.get(pid)
                 if prof is None:
@@ -155,13 +146,23 @@ class ApplianceCore:
                 with prof.lock:
                     prof.forget()
                     for b in self.store.iter_batches(pid):
-                        rows, known = self.catalog.index_of(b.item_ids)
-                        apply_batch(prof, None, b.types[known], b.item_ids[known], b.client_time_ms[known],
-                                    b.values[known], rows[known], share)
+                        self._replay(b, prof, None)
         if deleted:
             log.info("retention: %d events older than %d days deleted (%d profiles rebuilt)", deleted,
                      self.cfg.store.event_retention_days, len(touched))
         return deleted
+
+    def _replay(self, b, prof: ProfileState, session: SessionState | None) -> int:  # noqa: ANN001 - StoredBatch
+        """Apply a stored batch to the states (titles since removed from the catalog are skipped); returns
+        how many events were applied."""
+        rows, known = self.catalog.index_of(b.item_ids)
+        if known.all():
+            types, items, ts, vals = b.types, b.item_ids, b.client_time_ms, b.values
+        else:
+            rows, types, items, ts, vals = rows[known], b.types[known], b.item_ids[known], b.client_time_ms[known], \
+                b.values[known]
+        apply_batch(prof, session, types, items, ts, vals, rows, self.catalog.genre_share)
+        return len(types)
 
     def catalog_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Catalog rows of `ids` and which are known (Catalog.index_of: one gather from a dense table)."""

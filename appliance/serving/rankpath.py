@@ -137,7 +137,7 @@ def with_age(payload: bytes, affect_age_s: float) -> bytes:
     return payload + _AGE.pack(_AGE_TAG, affect_age_s)
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
     """Protobuf varint of an int64 (negative numbers as their two's complement: 10 bytes)."""
     if 0 <= n < 0x80:
         return _BYTE[n]
@@ -153,7 +153,7 @@ def _varint(n: int) -> bytes:
 def _ld(tag: int, payload: bytes) -> bytes:
     """A length-delimited field: tag byte, length, payload."""
     n = len(payload)
-    return (bytes((tag, n)) if n < 0x80 else bytes((tag,)) + _varint(n)) + payload
+    return (bytes((tag, n)) if n < 0x80 else bytes((tag,)) + encode_varint(n)) + payload
 
 
 _BYTE = tuple(bytes((i,)) for i in range(0x80))
@@ -206,7 +206,7 @@ class ResponseEncoder:
         key = (item_id, title)
         h = self._heads.get(key)
         if h is None:
-            h = (bytes((self._t_id,)) + _varint(item_id) if item_id else b"") + \
+            h = (bytes((self._t_id,)) + encode_varint(item_id) if item_id else b"") + \
                 (_ld(self._t_title, title.encode()) if title else b"")
             with self._lock:
                 if len(self._heads) > 100_000:  # bounded: a catalog swap cannot grow it forever
@@ -225,7 +225,7 @@ class ResponseEncoder:
         p = self._contrib.get(signal)
         if p is None:
             body = _ld(self._t_c_signal, signal.encode()) if signal else b""
-            p = self._contrib[signal] = (bytes((self._t_contrib,)) + _varint(len(body) + 5) + body
+            p = self._contrib[signal] = (bytes((self._t_contrib,)) + encode_varint(len(body) + 5) + body
                                          + self._t_c_value)
         return p
 
@@ -241,7 +241,7 @@ class ResponseEncoder:
             if f != _ZERO32:
                 body += self._t_r_weight + f
             if r.because_item_id:
-                body += self._t_r_because + _varint(r.because_item_id)
+                body += self._t_r_because + encode_varint(r.because_item_id)
             parts.append(_ld(self._t_reason, body))
         contrib = it.contributions
         packer = self._contrib_struct.get(tuple(contrib))

@@ -12,7 +12,7 @@ import pytest
 from appliance.client import ApplianceClient
 from appliance.serving.ingest import EventBatchWire
 from appliance.serving.process import RankerProcess
-from appliance.serving.rankpath import decode_packed_int64
+from appliance.serving.rankpath import decode_packed_int64, encode_varint
 from appliance.v1 import events_pb2
 
 PLAY, SKIP, DISLIKE, BROWSE, LIKE = (events_pb2.EVENT_TYPE_PLAY, events_pb2.EVENT_TYPE_SKIP,
@@ -81,14 +81,7 @@ def test_repeated_rank_is_served_from_cache_until_an_event_arrives(ranker, clien
 
 def _unpacked(session: str, rows: list[tuple[int, int, int]]) -> bytes:
     """An EventBatch with every repeated field unpacked (legal protobuf a parser must accept)."""
-    def varint(v: int) -> bytes:
-        v &= (1 << 64) - 1
-        out = bytearray()
-        while True:
-            b, v = v & 0x7F, v >> 7
-            out.append(b | (0x80 if v else 0))
-            if not v:
-                return bytes(out)
+    varint = encode_varint  # the server's own encoder; the decoder is checked against protobuf below
     body = b"\x0a" + varint(len(session)) + session.encode()
     for t, i, c in rows:
         body += b"\x10" + varint(t) + b"\x18" + varint(i) + b"\x20" + varint(c)
@@ -119,6 +112,7 @@ def test_varint_decoder_matches_protobuf():
             vals[:] = 1_700_000_000_000 + np.arange(n)  # all the same length: the 2-D path
         packed = EventBatchWire.FromString(events_pb2.EventBatch(item_ids=vals.tolist()).SerializeToString()).item_ids
         assert np.array_equal(decode_packed_int64(packed[0]), vals)
+        assert b"".join(encode_varint(int(v)) for v in vals) == packed[0]  # and the encoder writes the same
     for bad in (b"\x80", b"\x01\xff", b"\xff" * 11 + b"\x01"):
         with pytest.raises(ValueError):
             decode_packed_int64(bad)
