@@ -413,6 +413,7 @@ def main(argv: list[str]) -> int:
                     help="run ours with this vision.runtime (default: onnxruntime)")
     ap.add_argument("--providers", default=None, help="comma list for vision.providers (default: cpu)")
     ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None)
+    ap.add_argument("--emotion-model", default=None, help="vision.emotion_model (default: the product's)")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="calibration sets (appliance models calibrate) for INT8; made from the video if absent")
     ap.add_argument("--gpu-matrix", action="store_true",
@@ -441,6 +442,8 @@ def main(argv: list[str]) -> int:
         vision["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
     if args.precision:
         vision["precision"] = args.precision
+    if args.emotion_model:
+        vision["emotion_model"] = args.emotion_model
     calibration = args.calibration
     needs_calib = args.gpu_matrix or (vision.get("runtime") == "tensorrt" and vision.get("precision") == "int8")
     made_calibration = needs_calib and calibration is None

@@ -70,10 +70,16 @@ def sha256_file(path: Path) -> str:
 
 
 def load_fer_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """`root/labels.csv` (path,label) -> (N, 48, 48) uint8 images, (N,) label indices, paths."""
+    """`root/labels.csv` (path,label) -> (N, 48, 48) uint8 images, (N,) label indices, paths.
+
+    `root` may also be a pack written by `pack_fer_folder` (one .npz of the original image files' bytes),
+    which is how the training set travels to a GPU machine in one file; it decodes to the same pixels.
+    """
     import cv2
 
     root = Path(root)
+    if root.is_file():
+        return _load_pack(root)
     with (root / "labels.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     x = np.empty((len(rows), SIZE, SIZE), dtype=np.uint8)
@@ -87,6 +93,43 @@ def load_fer_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         x[i] = img
         y[i] = LABELS.index(row["label"])
     return x, y, [r["path"] for r in rows]
+
+
+def pack_fer_folder(root: Path, out: Path) -> dict:
+    """Concatenate the folder's image files (bytes unchanged) with their labels into one .npz."""
+    root = Path(root)
+    with (root / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    blobs = [(root / r["path"]).read_bytes() for r in rows]
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    np.savez(out, blob=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
+             labels=np.array([LABELS.index(r["label"]) for r in rows], dtype=np.int8),
+             labels_sha256=np.array(sha256_file(root / "labels.csv")))
+    return {"out": str(out), "images": len(rows), "bytes": int(offsets[-1])}
+
+
+def _load_pack(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    import cv2
+
+    with np.load(path) as z:
+        blob, offsets, labels = z["blob"], z["offsets"], z["labels"]
+    paths = [f"{path.name}#{i}" for i in range(len(labels))]
+    x = np.empty((len(labels), SIZE, SIZE), dtype=np.uint8)
+    for i in range(len(labels)):
+        img = cv2.imdecode(blob[offsets[i]:offsets[i + 1]], cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise SystemExit(f"cannot decode image {i} ({paths[i]}) of {path}")
+        x[i] = img if img.shape == (SIZE, SIZE) else cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    return x, labels.astype(np.int64), paths
+
+
+def labels_digest(data: Path) -> str:
+    """sha256 of the labels.csv the data came from (stored inside a pack)."""
+    data = Path(data)
+    if data.is_file():
+        with np.load(data) as z:
+            return str(z["labels_sha256"])
+    return sha256_file(data / "labels.csv")
 
 
 def split_train_val(x: np.ndarray, y: np.ndarray, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,12 +286,17 @@ def augment(x, gen, args):
 
     b = x.shape[0]
 
+    dev = x.device
+
+    def rand(*shape: int):
+        return torch.rand(*shape, generator=gen, device=dev)
+
     def u(lo: float, hi: float):
-        return torch.rand(b, generator=gen) * (hi - lo) + lo
+        return rand(b) * (hi - lo) + lo
 
     ang = u(-args.rotate, args.rotate) * math.pi / 180.0
     scale = u(1.0 - args.scale, 1.0 + args.scale)
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    flip = torch.where(rand(b) < 0.5, -1.0, 1.0)
     shift = 2.0 * args.shift  # fraction of the side -> normalised [-1, 1] units
     tx, ty = u(-shift, shift), u(-shift, shift)
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
@@ -262,36 +310,36 @@ def augment(x, gen, args):
     x = ((x - mean) * c + mean + br).clamp(-1.0, 1.0)
     if args.erase > 0:  # random erasing: one rectangle of 2-15 % of the image, filled with noise
         h, w = x.shape[2:]
-        do = torch.rand(b, generator=gen) < args.erase
+        do = rand(b) < args.erase
         area = u(0.02, 0.15) * h * w
         ratio = torch.exp(u(math.log(0.5), math.log(2.0)))
         eh = torch.sqrt(area * ratio).clamp(1, h - 1).long()
         ew = torch.sqrt(area / ratio).clamp(1, w - 1).long()
-        y0 = (torch.rand(b, generator=gen) * (h - eh).float()).long()
-        x0 = (torch.rand(b, generator=gen) * (w - ew).float()).long()
-        rows = torch.arange(h).view(1, h, 1)
-        cols = torch.arange(w).view(1, 1, w)
+        y0 = (rand(b) * (h - eh).float()).long()
+        x0 = (rand(b) * (w - ew).float()).long()
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
         m = ((rows >= y0.view(b, 1, 1)) & (rows < (y0 + eh).view(b, 1, 1)) &
              (cols >= x0.view(b, 1, 1)) & (cols < (x0 + ew).view(b, 1, 1)) & do.view(b, 1, 1)).unsqueeze(1)
-        noise = torch.rand(x.shape, generator=gen) * 2.0 - 1.0
+        noise = rand(*x.shape) * 2.0 - 1.0
         x = torch.where(m, noise, x)
     return x
 
 
 # ------------------------------------------------------------------------------------- evaluation
 
-def predict_logits(model, x_u8: np.ndarray, flip: bool = False, batch: int = 512) -> np.ndarray:
+def predict_logits(model, x_u8: np.ndarray, flip: bool = False, batch: int = 512, device: str = "cpu") -> np.ndarray:
     import torch
 
     model.eval()
     out = []
     with torch.no_grad():
         for s in range(0, len(x_u8), batch):
-            xb = to_input(torch.from_numpy(x_u8[s:s + batch]))
-            logits = model(xb)
+            xb = to_input(torch.from_numpy(x_u8[s:s + batch]).to(device))
+            logits = model(xb).float()
             if flip:
-                logits = (logits + model(torch.flip(xb, dims=[3]))) / 2.0
-            out.append(logits.numpy())
+                logits = (logits + model(torch.flip(xb, dims=[3])).float()) / 2.0
+            out.append(logits.cpu().numpy())
     return np.concatenate(out)
 
 
@@ -305,97 +353,11 @@ def val_scores(logits: np.ndarray, y: np.ndarray, shift: np.ndarray | None = Non
     return {"acc": round(float((pred == y).mean()), 4), "bal_acc": round(balanced_accuracy(y, pred), 4)}
 
 
-# --------------------------------------------------------------------------------------- training
-
-def train(args: argparse.Namespace) -> int:
-    import torch
-    import torch.nn.functional as F
-
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-
-    t_start = time.perf_counter()
-    data = Path(args.data)
-    x_all, y_all, _ = load_fer_folder(data)
-    labels_sha = sha256_file(data / "labels.csv")
-    tr_idx, va_idx = split_train_val(x_all, y_all, args.val_frac, args.seed)
-    if args.subset < 1.0:
-        rng = np.random.default_rng(args.seed + 1)
-        tr_idx = np.sort(rng.choice(tr_idx, int(len(tr_idx) * args.subset), replace=False))
-    x_tr, y_tr = x_all[tr_idx], y_all[tr_idx]
-    x_va, y_va = x_all[va_idx], y_all[va_idx]
-    prior = np.bincount(y_tr, minlength=len(LABELS)) / len(y_tr)
-    log(f"data {data}: {len(x_all)} images, labels.csv sha256 {labels_sha[:12]}; train {len(x_tr)}, "
-        f"val {len(x_va)} (no pixel-identical image on both sides); loaded in "
-        f"{time.perf_counter() - t_start:.1f}s")
-
-    widths = tuple(int(w) for w in args.widths.split(","))
-    model = build_model(args.arch, widths, args.dropout, args.stem)
-    model = model.to(memory_format=torch.channels_last)  # ~20 % faster convolutions on CPU
-    n_params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(model)
-    log(f"model {args.arch} widths {widths}: {n_params / 1e6:.3f} M parameters, {macs / 1e6:.1f} M MACs per face")
-
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=args.lr, momentum=0.9, nesterov=True)
-    steps_per_epoch = len(x_tr) // args.batch
-    total_steps = args.epochs * steps_per_epoch
-    warmup = max(1, int(args.warmup * steps_per_epoch))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, total_steps - warmup)
-        return args.lr * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    gen = torch.Generator().manual_seed(args.seed)
-    x_tr_t, y_tr_t = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    history = []
-    step = 0
-    t_train = time.perf_counter()
-    stopped_by_bound = False
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(len(x_tr), generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for b in range(steps_per_epoch):
-            idx = perm[b * args.batch:(b + 1) * args.batch]
-            xb = augment(to_input(x_tr_t[idx]), gen, args).contiguous(memory_format=torch.channels_last)
-            yb = y_tr_t[idx]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-        va_logits = predict_logits(model, x_va)
-        row = {"epoch": epoch, "lr": round(lr_at(step - 1), 6), "train_loss": round(loss_sum / seen, 4),
-               "train_acc": round(correct / seen, 4), **{f"val_{k}": v for k, v in val_scores(va_logits, y_va).items()},
-               "seconds": round(time.perf_counter() - t0, 1)}
-        history.append(row)
-        log(json.dumps(row))
-        elapsed_min = (time.perf_counter() - t_train) / 60.0
-        if elapsed_min > args.max_minutes and epoch < args.epochs:
-            log(f"stopping after epoch {epoch}: {elapsed_min:.1f} min > --max-minutes {args.max_minutes}")
-            stopped_by_bound = True
-            break
-    train_s = time.perf_counter() - t_train
-
-    # Prior correction and test-time flip, both chosen on validation by balanced accuracy.
-    logits = predict_logits(model, x_va)
-    logits_flip = predict_logits(model, x_va, flip=True)
+def choose_correction(model, x_va: np.ndarray, y_va: np.ndarray, prior: np.ndarray, flip_min_gain: float,
+                      device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """Prior correction tau and test-time flip, both chosen on validation by balanced accuracy."""
+    logits = predict_logits(model, x_va, device=device)
+    logits_flip = predict_logits(model, x_va, flip=True, device=device)
     log_prior = np.log(prior).astype(np.float32)
     choices = []
     for tau in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -408,27 +370,212 @@ def train(args: argparse.Namespace) -> int:
     best_flip = max((c for c in choices if c["flip"]), key=lambda c: (c["bal_acc"], -c["tau"]))
     log(f"chosen: tau={best['tau']} (val acc {best['acc']}, balanced {best['bal_acc']}); test-time flip would "
         f"give balanced {best_flip['bal_acc']} at twice the compute: "
-        f"{'not ' if best_flip['bal_acc'] - best['bal_acc'] < args.flip_min_gain else ''}worth it, "
+        f"{'not ' if best_flip['bal_acc'] - best['bal_acc'] < flip_min_gain else ''}worth it, "
         f"product runs one pass")
     shift = (-best["tau"] * log_prior).astype(np.float32)
+    return shift, {"chosen": best, "with_flip": best_flip, "all": choices}
 
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no CUDA device here")
+    return name
+
+
+def _load_split(args: argparse.Namespace):
+    data = Path(args.data)
+    x_all, y_all, _ = load_fer_folder(data)
+    tr_idx, va_idx = split_train_val(x_all, y_all, args.val_frac, args.seed)
+    if args.subset < 1.0:
+        rng = np.random.default_rng(args.seed + 1)
+        tr_idx = np.sort(rng.choice(tr_idx, int(len(tr_idx) * args.subset), replace=False))
+    return x_all, y_all, tr_idx, va_idx
+
+
+# --------------------------------------------------------------------------------------- training
+
+def train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    if device == "cuda":
+        # Several CUDA kernels used here (pooling backward) have no deterministic version: GPU runs are
+        # seeded but not bit-reproducible; the log records it.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True)
+
+    t_start = time.perf_counter()
+    data = Path(args.data)
+    x_all, y_all, tr_idx, va_idx = _load_split(args)
+    labels_sha = labels_digest(data)
+    x_tr, y_tr = x_all[tr_idx], y_all[tr_idx]
+    x_va, y_va = x_all[va_idx], y_all[va_idx]
+    prior = np.bincount(y_tr, minlength=len(LABELS)) / len(y_tr)
+    log(f"data {data}: {len(x_all)} images, labels.csv sha256 {labels_sha[:12]}; train {len(x_tr)}, "
+        f"val {len(x_va)} (no pixel-identical image on both sides); loaded in "
+        f"{time.perf_counter() - t_start:.1f}s; device {device}")
+
+    widths = tuple(int(w) for w in args.widths.split(","))
+    model = build_model(args.arch, widths, args.dropout, args.stem)
+    n_params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model)
+    model = model.to(device=device, memory_format=torch.channels_last)  # ~20 % faster convolutions on CPU
+    log(f"model {args.arch} widths {widths} stem {args.stem}: {n_params / 1e6:.3f} M parameters, "
+        f"{macs / 1e6:.1f} M MACs per face")
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=args.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = len(x_tr) // args.batch
+    epochs = args.epochs
+    warmup = max(1, int(args.warmup * steps_per_epoch))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, epochs * steps_per_epoch - warmup)
+        return args.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    x_tr_t, y_tr_t = torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device)
+    amp = device == "cuda" and args.amp
+    history = []
+    step = 0
+    t_train = time.perf_counter()
+    stopped_by_bound = False
+    epoch = 0
+    while epoch < epochs:
+        epoch += 1
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x_tr), generator=gen, device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for b in range(steps_per_epoch):
+            idx = perm[b * args.batch:(b + 1) * args.batch]
+            xb = augment(to_input(x_tr_t[idx]), gen, args).contiguous(memory_format=torch.channels_last)
+            yb = y_tr_t[idx]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+        va_logits = predict_logits(model, x_va, device=device)
+        row = {"epoch": epoch, "lr": round(lr_at(step - 1), 6), "train_loss": round(float(loss_sum) / seen, 4),
+               "train_acc": round(int(correct) / seen, 4),
+               **{f"val_{k}": v for k, v in val_scores(va_logits, y_va).items()},
+               "seconds": round(time.perf_counter() - t0, 1)}
+        history.append(row)
+        log(json.dumps(row))
+        if epoch == 1 and args.time_budget_s:
+            # The first epoch is the warm-up (its LR does not depend on the total), so the cosine schedule
+            # can be fixed from its measured length: as many epochs as fit the budget, at most --epochs.
+            fit = int(args.time_budget_s / max(row["seconds"], 1e-3))
+            epochs = max(2, min(args.epochs, fit))
+            log(f"time budget {args.time_budget_s:.0f}s at {row['seconds']}s per epoch: {epochs} epochs")
+        elapsed_min = (time.perf_counter() - t_train) / 60.0
+        if elapsed_min > args.max_minutes and epoch < epochs:
+            log(f"stopping after epoch {epoch}: {elapsed_min:.1f} min > --max-minutes {args.max_minutes}")
+            stopped_by_bound = True
+            break
+    train_s = time.perf_counter() - t_train
+
+    shift, val = choose_correction(model, x_va, y_va, prior, args.flip_min_gain, device=device)
     summary = {
-        "name": NAME, "recipe": RECIPE_PATH, "recipe_version": RECIPE_VERSION, "seed": args.seed,
-        "args": {k: v for k, v in vars(args).items() if k not in ("out", "models_dir")},
+        "name": args.name, "recipe": RECIPE_PATH, "recipe_version": args.recipe_version, "seed": args.seed,
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "models_dir", "save_ckpt", "from_ckpt")},
         "data": {"dir": str(data), "labels_sha256": labels_sha, "n": len(x_all), "train": len(x_tr),
                  "val": len(x_va), "train_prior": [round(float(p), 5) for p in prior]},
         "model": {"arch": args.arch, "widths": list(widths), "stem": args.stem, "params": n_params,
                   "macs_per_face": macs},
-        "history": history, "train_seconds": round(train_s, 1), "stopped_by_time_bound": stopped_by_bound,
-        "prior_correction": {"tau": best["tau"], "logit_shift": [round(float(s), 6) for s in shift]},
-        "val": {"chosen": best, "with_flip": best_flip, "all": choices},
-        "torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "history": history, "epochs": epoch, "train_seconds": round(train_s, 1),
+        "stopped_by_time_bound": stopped_by_bound,
+        "prior_correction": {"tau": val["chosen"]["tau"], "logit_shift": [round(float(s), 6) for s in shift]},
+        "val": val,
+        "torch": torch.__version__, "threads": args.threads, "device": _device_name(device),
+        "machine": platform.processor() or platform.machine(),
     }
+    model = model.float().cpu().to(memory_format=torch.contiguous_format)
+    if args.save_ckpt:
+        save_checkpoint(model, summary, Path(args.save_ckpt), args.name)
     if args.no_export:
         print(json.dumps(summary["val"]["chosen"]))
         return 0
     export(model, shift, x_va, summary, args)
     log(f"total wall time {time.perf_counter() - t_start:.0f}s (training {train_s:.0f}s)")
+    return 0
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+
+
+def save_checkpoint(model, summary: dict, out_dir: Path, name: str) -> Path:
+    """Weights (float16 when that keeps a big model under 16 MiB; the export reads them back as float32)
+    plus the training summary, for exporting on another machine with `--from-ckpt`."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    half = n_params * 4 > 15 * 2**20
+    state = {k: (v.detach().clone().half() if half and v.is_floating_point() else v.detach().clone())
+             for k, v in model.state_dict().items()}
+    path = out_dir / f"{name}.ckpt.pt"
+    torch.save(state, path)
+    summary = {**summary, "checkpoint_dtype": "float16" if half else "float32"}
+    (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB, {summary['checkpoint_dtype']}) and its summary")
+    return path
+
+
+def export_from_checkpoint(args: argparse.Namespace) -> int:
+    """Export a checkpoint trained elsewhere (e.g. on a GPU machine): rebuild the network from its summary,
+    load the weights as float32, re-choose the prior correction on the same validation part with these
+    exact weights, then export, check parity and write the manifest entry as a local run would."""
+    import torch
+
+    ckpt = Path(args.from_ckpt)
+    summary = json.loads(ckpt.with_name(ckpt.name.replace(".ckpt.pt", ".summary.json")).read_text())
+    a = summary["args"]
+    for key in ("arch", "widths", "stem", "dropout", "val_frac", "seed", "subset", "name", "recipe_version"):
+        setattr(args, key, a[key])
+    model = build_model(a["arch"], tuple(int(w) for w in a["widths"].split(",")), a["dropout"], a["stem"])
+    state = torch.load(ckpt, weights_only=True)
+    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    model.eval()
+    torch.set_num_threads(args.threads)
+    x_all, y_all, tr_idx, va_idx = _load_split(args)
+    if labels_digest(Path(args.data)) != summary["data"]["labels_sha256"]:
+        raise SystemExit("--data is not the data the checkpoint was trained on (labels.csv sha256 differs)")
+    prior = np.bincount(y_all[tr_idx], minlength=len(LABELS)) / len(tr_idx)
+    shift, val = choose_correction(model, x_all[va_idx], y_all[va_idx], prior, args.flip_min_gain)
+    summary.update({"val": val, "val_on_device": summary["val"], "exported_from": ckpt.name,
+                    "prior_correction": {"tau": val["chosen"]["tau"],
+                                         "logit_shift": [round(float(s), 6) for s in shift]}})
+    export(model, shift, x_all[va_idx], summary, args)
     return 0
 
 
@@ -453,6 +600,7 @@ def export(model, shift: np.ndarray, x_va: np.ndarray, summary: dict, args: argp
     out_dir = Path(args.out)
     models_dir = Path(args.models_dir) if args.models_dir else out_dir.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    NAME = summary["name"]  # noqa: N806 -- the model's name, as the module constant was before
     onnx_path, ckpt_path = out_dir / f"{NAME}.onnx", out_dir / f"{NAME}.pt"
     log_path = out_dir / f"{NAME}.train.json"
 
@@ -466,7 +614,7 @@ def export(model, shift: np.ndarray, x_va: np.ndarray, summary: dict, args: argp
                       do_constant_folding=True, dynamo=False)
     m = onnx.load(str(onnx_path))
     m.graph.name = NAME
-    m.producer_name, m.producer_version = "appliance.models.train_emotion", RECIPE_VERSION
+    m.producer_name, m.producer_version = "appliance.models.train_emotion", summary["recipe_version"]
     meta = {"source_sha256": ckpt_sha, "license": LICENSE, "recipe": RECIPE_PATH,
             "dataset": "FER2013 training split", "dataset_labels_sha256": summary["data"]["labels_sha256"],
             "seed": str(args.seed), "labels": ",".join(LABELS)}
@@ -528,12 +676,13 @@ def write_manifest_entry(models_dir: Path, onnx_path: Path, ckpt_path: Path, ckp
                 for a in args]
 
     val = summary["val"]["chosen"]
+    NAME, recipe_version = summary["name"], summary["recipe_version"]  # noqa: N806
     entry = {
         "name": NAME,
-        "version": f"own-{RECIPE_VERSION}+onnx{OPSET}",
+        "version": f"own-{recipe_version}+onnx{OPSET}",
         "task": "emotion",
         "source": {
-            "package": "own-recipe", "recipe": RECIPE_PATH, "recipe_version": RECIPE_VERSION,
+            "package": "own-recipe", "recipe": RECIPE_PATH, "recipe_version": recipe_version,
             "commit": _git_commit(), "seed": summary["seed"],
             "dataset": "FER2013 training split (28,709 images; Goodfellow et al. 2013)",
             "dataset_labels_sha256": summary["data"]["labels_sha256"],
@@ -576,9 +725,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="FER2013 training folder with labels.csv (path,label)")
     p.add_argument("--out", default="models/emotion", help="where the .onnx, .pt and training log go")
     p.add_argument("--models-dir", default=None, help="models directory with manifest.json (default: parent of --out)")
+    p.add_argument("--name", default=NAME, help="model name in the manifest and file names")
+    p.add_argument("--recipe-version", default=RECIPE_VERSION)
     p.add_argument("--arch", default="vgg", choices=("vgg", "res"))
     p.add_argument("--widths", default="24,48,96,192")
-    p.add_argument("--stem", default="stride", choices=("stride", "pool"), help="how the first conv halves 48 px")
+    p.add_argument("--stem", default="stride", choices=("stride", "pool", "full"),
+                   help="how the first conv halves 48 px (full: it does not; the first stage runs at 48 px)")
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--epochs", type=int, default=28)
     p.add_argument("--batch", type=int, default=128)
@@ -600,6 +752,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=30.0, help="stop after the epoch that passes this")
     p.add_argument("--flip-min-gain", type=float, default=0.01)
     p.add_argument("--no-export", action="store_true", help="train and validate only (pilots)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="fix the epoch count after the first epoch so training fits this many seconds")
+    p.add_argument("--save-ckpt", default=None, help="also write <name>.ckpt.pt + <name>.summary.json here")
+    p.add_argument("--from-ckpt", default=None,
+                   help="export a checkpoint written by --save-ckpt (trained elsewhere) instead of training")
+    p.add_argument("--pack", default=None, help="write --data as one .npz pack to this path and exit")
     return p.parse_args(argv)
 
 
@@ -610,7 +771,13 @@ def main(argv: list[str] | None = None) -> int:
         print("training needs PyTorch: `make train-emotion` installs it (CPU build, torch==2.13.0) into "
               ".venv-train; the appliance itself never needs it", file=sys.stderr)
         return 2
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    if args.pack:
+        print(json.dumps(pack_fer_folder(Path(args.data), Path(args.pack))))
+        return 0
+    if args.from_ckpt:
+        return export_from_checkpoint(args)
+    return train(args)
 
 
 if __name__ == "__main__":

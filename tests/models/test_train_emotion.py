@@ -45,13 +45,14 @@ def _inputs() -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def test_committed_onnx_matches_the_torch_checkpoint(torch, te):
+@pytest.mark.parametrize("name", [NAME, "emotion_vgg48_ms"])
+def test_committed_onnx_matches_the_torch_checkpoint(torch, te, name: str):
     import onnxruntime as ort
 
-    entry = load_manifest(DEFAULT_MODELS_DIR).entry(NAME)
+    entry = load_manifest(DEFAULT_MODELS_DIR).entry(name)
     ckpt = DEFAULT_MODELS_DIR / entry.source.path
     assert file_sha256(ckpt) == entry.source.sha256
-    log = json.loads((DEFAULT_MODELS_DIR / "emotion" / f"{NAME}.train.json").read_text())
+    log = json.loads((DEFAULT_MODELS_DIR / "emotion" / f"{name}.train.json").read_text())
     model = te.build_model(log["model"]["arch"], tuple(log["model"]["widths"]), log["args"]["dropout"],
                            log["model"].get("stem", "stride"))
     model.load_state_dict(torch.load(ckpt, weights_only=True))
@@ -88,9 +89,7 @@ def test_augment_keeps_shape_and_range(torch, te):
     assert out.shape == (16, 1, 48, 48) and out.min() >= -1.0 and out.max() <= 1.0
 
 
-def test_recipe_runs_end_to_end_on_a_tiny_set(torch, te, tmp_path: Path):
-    """Two tiny epochs on a made-up labelled folder: trains, exports, checks parity, writes a manifest entry."""
-    data = tmp_path / "data"
+def _tiny_folder(data: Path) -> None:
     rng = np.random.default_rng(3)
     rows = ["path,label"]
     for c, label in enumerate(LABELS):
@@ -101,6 +100,12 @@ def test_recipe_runs_end_to_end_on_a_tiny_set(torch, te, tmp_path: Path):
             cv2.imwrite(str(data / label / f"{k}.png"), img)
             rows.append(f"{label}/{k}.png,{label}")
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_recipe_runs_end_to_end_on_a_tiny_set(torch, te, tmp_path: Path):
+    """Two tiny epochs on a made-up labelled folder: trains, exports, checks parity, writes a manifest entry."""
+    data = tmp_path / "data"
+    _tiny_folder(data)
     models = tmp_path / "models"
     models.mkdir()
     rc = te.main(["--data", str(data), "--out", str(models / "emotion"), "--epochs", "2", "--batch", "32",
@@ -110,3 +115,36 @@ def test_recipe_runs_end_to_end_on_a_tiny_set(torch, te, tmp_path: Path):
     assert entry.source.package == "own-recipe" and entry.source.dataset_labels_sha256 == file_sha256(data / "labels.csv")
     assert entry.parity.max_abs_diff <= entry.parity.tolerance
     assert (models / entry.output.path).stat().st_size == entry.output.bytes
+
+
+def test_pack_decodes_to_the_same_pixels(te, tmp_path: Path):
+    """The one-file pack a GPU machine trains from holds exactly the folder's images and labels."""
+    data = tmp_path / "data"
+    _tiny_folder(data)
+    te.main(["--data", str(data), "--pack", str(tmp_path / "pack.npz")])
+    x_dir, y_dir, _ = te.load_fer_folder(data)
+    x_pack, y_pack, _ = te.load_fer_folder(tmp_path / "pack.npz")
+    assert (x_dir == x_pack).all() and (y_dir == y_pack).all()
+    assert te.labels_digest(tmp_path / "pack.npz") == file_sha256(data / "labels.csv")
+
+
+def test_checkpoint_trained_elsewhere_exports_with_the_same_split(torch, te, tmp_path: Path):
+    """--save-ckpt (as the GPU job writes) then --from-ckpt here: same weights, parity, a manifest entry."""
+    data = tmp_path / "data"
+    _tiny_folder(data)
+    te.main(["--data", str(data), "--pack", str(tmp_path / "pack.npz")])
+    rc = te.main(["--data", str(tmp_path / "pack.npz"), "--epochs", "2", "--batch", "32", "--widths", "8,8,16,16",
+                  "--stem", "full", "--val-frac", "0.25", "--name", "emotion_tiny", "--recipe-version", "t1",
+                  "--save-ckpt", str(tmp_path / "ckpt"), "--no-export"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "ckpt" / "emotion_tiny.summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["checkpoint_dtype"] == "float32"
+    models = tmp_path / "models"
+    models.mkdir()
+    rc = te.main(["--data", str(data), "--from-ckpt", str(tmp_path / "ckpt" / "emotion_tiny.ckpt.pt"),
+                  "--out", str(models / "emotion")])
+    assert rc == 0
+    entry = load_manifest(models).entry("emotion_tiny")
+    assert entry.version == "own-t1+onnx17" and entry.parity.max_abs_diff <= entry.parity.tolerance
+    log = json.loads((models / "emotion" / "emotion_tiny.train.json").read_text())
+    assert log["exported_from"] == "emotion_tiny.ckpt.pt" and log["val"]["chosen"]["tau"] in (0.0, 0.25, 0.5, 0.75, 1.0)
