@@ -136,6 +136,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
              server_lr: float = 5.0, server_shrink: float = 0.0,
              central_epochs: int = 2, panel_share: float = 0.2, start_bundle: Path | None = None,
              dropout: float = 0.0, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from appliance.federation.accounting import participation
     from appliance.federation.flower_app import RunSettings, make_client_app, run_server
     from appliance.federation.local_grid import LocalGrid
     from appliance.federation.panel import panel_bundle, split_panel
@@ -159,6 +160,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     feats = data.features.astype(np.float32) if n_feat else None
     shares, threshold = auto_num_shares(m)
     s = RunSettings(rounds=rounds, epsilon=epsilon, delta=delta, clip=clip, population=n, cohort=m,
+                    sampling=participation(n, m),
                     compression=compression, run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
                     n_items=shape.n_items, dim=shape.dim, rank=rank, n_feat=n_feat, head_seed=seed, lr=lr,
                     lr_adapter=lr_adapter, lr_features=lr_features,
