@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -264,12 +265,19 @@ class SubsetFedAvg(FedAvg):
         return self.theta
 
 
+Audit = Callable[[int, list[np.ndarray]], None]
+"""(round, the update of every result the strategy received): all that the server-side code ever gets
+from the boxes (with SecAgg+, every entry is the same unmasked mean; the wire test checks that)."""
+
+
 class FleetDP(DifferentialPrivacyClientSideFixedClipping):
     """Central Gaussian noise on the securely aggregated mean; budget-bounded; survives dropouts."""
 
-    def __init__(self, strategy: SubsetFedAvg, ledger: PrivacyLedger, clip: float, rng=None) -> None:
+    def __init__(self, strategy: SubsetFedAvg, ledger: PrivacyLedger, clip: float, rng=None,
+                 audit: Audit | None = None) -> None:
         super().__init__(strategy, noise_multiplier=ledger.noise_multiplier, clipping_norm=clip,
                          num_sampled_clients=ledger.cohort)
+        self.audit = audit
         self.inner = strategy
         self.ledger = ledger
         self.rng = rng if rng is not None else secure_rng()
@@ -290,6 +298,8 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
             return None, {}
         if any(res.num_examples != 1 for _, res in results):
             raise ValueError("every box must report weight 1 (SecAgg+ max_weight 1)")
+        if self.audit is not None:
+            self.audit(server_round, [parameters_to_ndarrays(res.parameters)[0] for _, res in results])
         # SecAgg+ hands every surviving box's FitRes the same unmasked mean of the survivors' updates
         mean = parameters_to_ndarrays(results[0][1].parameters)[0].astype(np.float64)
         m = len(results)
@@ -316,8 +326,9 @@ def secagg_workflow(s: RunSettings) -> SecAggPlusWorkflow:
                               modulus_range=SECAGG_MODULUS, timeout=s.timeout)
 
 
-def run_server(grid: Grid, context: Context, rng=None) -> RunResult:
-    """The ServerApp's body; returns (and writes to `out-dir`, if set) what the run did."""
+def run_server(grid: Grid, context: Context, rng=None, audit: Audit | None = None) -> RunResult:
+    """The ServerApp's body; returns (and writes to `out-dir`, if set) what the run did. `audit` sees
+    what the strategy receives from the boxes, round by round."""
     t0 = time.monotonic()
     s = RunSettings.from_run_config(dict(context.run_config))
     if s.n_items <= 0 or s.dim <= 0:
@@ -330,7 +341,7 @@ def run_server(grid: Grid, context: Context, rng=None) -> RunResult:
     ledger = PrivacyLedger(z, s.delta, s.epsilon, s.sampling, s.population, s.cohort)
     theta0 = np.load(s.start) if s.start else s.shape.initial(seed=s.head_seed)
     inner = SubsetFedAvg(s, theta0)
-    strategy = FleetDP(inner, ledger, s.clip, rng=rng)
+    strategy = FleetDP(inner, ledger, s.clip, rng=rng, audit=audit)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.rounds, round_timeout=s.timeout * 4),
                            strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg_workflow(s))(grid, legacy)
