@@ -191,6 +191,11 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     start_m = metrics10(shape, theta0, data, eval_users)
     fed_m = metrics10(shape, res.head, data, eval_users)
     cen_m = metrics10(shape, central, data, eval_users)
+    # validation: the panel users' last titles (already the panel start's epoch-selection item, never a
+    # test item): where settings may be compared without looking at the evaluated users' test titles
+    val_users = split.panel[split.panel < n]
+    validation = {name: metrics10(shape, theta, data, val_users)["NDCG@10"]
+                  for name, theta in (("start_only", theta0), ("ours_federated_dp", res.head), ("centralized", central))}
     dense = shape.n_params * DENSE_BYTES_PER_PARAM
     up = int(np.median(uploads)) if uploads else 0
     out = {
@@ -208,6 +213,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "start_only.HR@10": start_m["HR@10"],
         "federated_over_centralized": round(fed_m["NDCG@10"] / cen_m["NDCG@10"], 4) if cen_m["NDCG@10"] else None,
         "eval_users": int(len(eval_users)),
+        "validation_panel_users.NDCG@10": validation,
         "panel_users": int(len(split.panel)),
         "upload_bytes_per_client_round": up,
         "upload_payload_bytes_per_client_round": (res.subset_k + 1) * SECAGG_BYTES_PER_PARAM,
