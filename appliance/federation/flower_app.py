@@ -21,7 +21,9 @@ ServerApp (the cloud aggregator)
         population) and spends a `PrivacyLedger` round by round: no round starts that would overspend;
       - adds N(0, (z C / m)^2) to the mean of the m boxes that made it through SecAgg+, where m counts
         the survivors, not the sampled (Flower's wrapper returns nothing when any box drops and scales
-        by the sampled count; a dropout is normal on a fleet);
+        by the sampled count; a dropout is normal on a fleet); with `sampling = "full"` (every box in
+        every round) it releases (sum + N(0, (z C)^2)) / m with m the planned cohort instead, the fixed
+        denominator that full participation is accounted with (`accounting`);
       - draws its noise from the OS's entropy, not from a seedable generator.
     Every wait is bounded: SecAgg+ stage timeout, cohort wait, round timeout.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -77,7 +80,7 @@ class RunSettings:
     clip: float = 0.1                  # C: L2 bound of one box's (sub-vector) update
     population: int = 3                # N boxes the cohort is drawn from (accounting)
     cohort: int = 3                    # m boxes per round (fixed size, without replacement)
-    sampling: str = "fixed_size"
+    sampling: str = "fixed_size"      # or "full": cohort == population, fixed denominator (accounting)
     compression: float = 16.0          # dense float32 bytes of the head / SecAgg+ upload bytes
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
@@ -262,12 +265,19 @@ class SubsetFedAvg(FedAvg):
         return self.theta
 
 
+Audit = Callable[[int, list[np.ndarray]], None]
+"""(round, the update of every result the strategy received): all that the server-side code ever gets
+from the boxes (with SecAgg+, every entry is the same unmasked mean; the wire test checks that)."""
+
+
 class FleetDP(DifferentialPrivacyClientSideFixedClipping):
     """Central Gaussian noise on the securely aggregated mean; budget-bounded; survives dropouts."""
 
-    def __init__(self, strategy: SubsetFedAvg, ledger: PrivacyLedger, clip: float, rng=None) -> None:
+    def __init__(self, strategy: SubsetFedAvg, ledger: PrivacyLedger, clip: float, rng=None,
+                 audit: Audit | None = None) -> None:
         super().__init__(strategy, noise_multiplier=ledger.noise_multiplier, clipping_norm=clip,
                          num_sampled_clients=ledger.cohort)
+        self.audit = audit
         self.inner = strategy
         self.ledger = ledger
         self.rng = rng if rng is not None else secure_rng()
@@ -288,11 +298,16 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
             return None, {}
         if any(res.num_examples != 1 for _, res in results):
             raise ValueError("every box must report weight 1 (SecAgg+ max_weight 1)")
+        if self.audit is not None:
+            self.audit(server_round, [parameters_to_ndarrays(res.parameters)[0] for _, res in results])
         # SecAgg+ hands every surviving box's FitRes the same unmasked mean of the survivors' updates
         mean = parameters_to_ndarrays(results[0][1].parameters)[0].astype(np.float64)
         m = len(results)
-        std = self.noise_multiplier * self.clipping_norm / m
-        noisy = mean + self.rng.normal(0.0, std, size=mean.shape)
+        # full participation: the sum over the fixed, public denominator (the planned cohort), so that
+        # one box more or less moves the release by at most C / denominator (accounting, "full")
+        denominator = self.ledger.cohort if self.ledger.sampling == "full" else m
+        std = self.noise_multiplier * self.clipping_norm / denominator
+        noisy = mean * (m / denominator) + self.rng.normal(0.0, std, size=mean.shape)
         eps = self.ledger.record_round()
         theta = self.inner.apply(server_round, noisy, std)
         rec = RoundRecord(server_round, self.inner.last_sampled, m, self.inner.last_sampled - m, eps, std)
@@ -311,19 +326,22 @@ def secagg_workflow(s: RunSettings) -> SecAggPlusWorkflow:
                               modulus_range=SECAGG_MODULUS, timeout=s.timeout)
 
 
-def run_server(grid: Grid, context: Context, rng=None) -> RunResult:
-    """The ServerApp's body; returns (and writes to `out-dir`, if set) what the run did."""
+def run_server(grid: Grid, context: Context, rng=None, audit: Audit | None = None) -> RunResult:
+    """The ServerApp's body; returns (and writes to `out-dir`, if set) what the run did. `audit` sees
+    what the strategy receives from the boxes, round by round."""
     t0 = time.monotonic()
     s = RunSettings.from_run_config(dict(context.run_config))
     if s.n_items <= 0 or s.dim <= 0:
         raise ValueError("run config needs n-items and dim of the bundle's item table")
     if s.cohort > s.population:
         raise ValueError("cohort larger than population")
+    if s.sampling == "full" and s.cohort != s.population:
+        raise ValueError("full participation asks every box every round: cohort must equal population")
     z = s.noise_multiplier or calibrate_noise(s.epsilon, s.delta, s.rounds, s.sampling, s.population, s.cohort)
     ledger = PrivacyLedger(z, s.delta, s.epsilon, s.sampling, s.population, s.cohort)
     theta0 = np.load(s.start) if s.start else s.shape.initial(seed=s.head_seed)
     inner = SubsetFedAvg(s, theta0)
-    strategy = FleetDP(inner, ledger, s.clip, rng=rng)
+    strategy = FleetDP(inner, ledger, s.clip, rng=rng, audit=audit)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.rounds, round_timeout=s.timeout * 4),
                            strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg_workflow(s))(grid, legacy)

@@ -5,6 +5,8 @@ SuperNode costs two Python processes (~130 MB each) plus one ClientApp process (
 so keep it to a handful of nodes on a small machine. Everything runs with `--insecure` on 127.0.0.1
 only, Flower's own state lives under the work directory (FLWR_HOME), and every process started here
 is stopped by its own id (Flower's SuperExec children watch their parent's pid and exit with it).
+With `tap=True` each SuperNode reaches the SuperLink through its own recording relay
+(`wiretap.TcpTap`), so a test can read every byte each box sent (the wire test).
 """
 
 from __future__ import annotations
@@ -88,8 +90,11 @@ def _bin(name: str) -> str:
 class LoopbackFederation:
     """`with LoopbackFederation(workdir, node_configs) as fed: fed.run(app_dir, overrides)`."""
 
-    def __init__(self, workdir: Path, node_configs: Iterable[dict[str, Any]], start_timeout: float = 60.0) -> None:
+    def __init__(self, workdir: Path, node_configs: Iterable[dict[str, Any]], start_timeout: float = 60.0,
+                 tap: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.tap = tap
+        self.taps: list = []  # one wiretap.TcpTap per SuperNode when tap
         self.node_configs = list(node_configs)
         self.start_timeout = start_timeout
         self.procs: list[subprocess.Popen] = []
@@ -146,7 +151,13 @@ class LoopbackFederation:
         self._wait("SuperLink", lambda: "Uvicorn running" in self.log("superlink.log"), self.start_timeout)
         for i, cfg in enumerate(self.node_configs):
             node_cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
-            self._spawn([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            link = self.port
+            if self.tap:
+                from appliance.federation.wiretap import TcpTap
+
+                self.taps.append(TcpTap(("127.0.0.1", self.port)))
+                link = self.taps[-1].port
+            self._spawn([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                          "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "10",
                          "--node-config", node_cfg], f"supernode-{i}.log")
         n = len(self.node_configs)
@@ -181,6 +192,8 @@ class LoopbackFederation:
             if p.poll() is None:
                 p.wait(timeout=5)
         self.procs.clear()
+        for t in self.taps:  # the recordings stay readable
+            t.close()
 
     # -- runs
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:

@@ -118,6 +118,25 @@ def test_noise_is_scaled_to_the_survivors():
     assert r.survivors == 3 and r.noise_std == pytest.approx(3.0 * 0.5 / 3)
 
 
+def test_full_participation_releases_the_sum_over_the_planned_cohort():
+    # everyone every round: the denominator is the planned cohort (public), not the survivors, so one box
+    # more or less moves the release by at most C / m, the sensitivity the "full" accounting assumes
+    items, data = _fleet(4)
+    s = RunSettings(rounds=1, noise_multiplier=3.0, epsilon=100.0, clip=0.5, population=4, cohort=4,
+                    sampling="full", n_items=40, dim=8, rank=2, compression=2.0, timeout=5)
+    grid = _grid(data, s, drop_from={1003: "collect_masked_vectors"})
+    res = run_server(grid, grid.server_context(), rng=ZeroNoise())
+    (r,) = res.rounds
+    assert r.survivors == 3 and r.noise_std == pytest.approx(3.0 * 0.5 / 4)
+    theta0 = s.shape.initial(seed=s.head_seed)
+    idx = round_subset(s.shape.n_params, res.subset_k, 1, s.run_seed)
+    survivors_mean = _expected_mean(s, data, range(3), theta0, 1, res.subset_k)
+    np.testing.assert_allclose(res.head[idx] - theta0[idx], survivors_mean * 3 / 4, atol=1e-5)
+    with pytest.raises(ValueError, match="cohort must equal population"):
+        bad = RunSettings(rounds=1, epsilon=2.0, population=4, cohort=3, sampling="full", n_items=40, dim=8)
+        run_server(_grid(data, bad), _grid(data, bad).server_context())
+
+
 def test_run_stops_when_the_budget_is_spent():
     items, data = _fleet(3)
     # z = 2, everyone every round (replace-one): epsilon 4.75 after one round, 7.09 after two, 9.09 after three
