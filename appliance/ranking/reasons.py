@@ -91,13 +91,20 @@ def build_reasons(values: Sequence[float], facts: Facts, order: Sequence[int] | 
     top = values[order[0]]
     floor = max(MIN_ABS, MIN_SHARE * top)
     out: list[Reason] = []
+    named: list[int] = []  # titles already named by a reason
     for j in order:
         value = values[j]
-        if value < floor or len(out) >= MAX_REASONS:
+        if value < floor:
             break
         made = _TEXT[j](facts)
-        if made is not None and not (made[1] and any(r.because_item_id == made[1] for r in out)):
-            out.append(Reason(made[0], SIGNALS[j], value, made[1]))  # one reason per named title
+        if made is not None:
+            if made[1]:
+                if made[1] in named:
+                    continue  # one reason per named title
+                named.append(made[1])
+            out.append(Reason(made[0], SIGNALS[j], value, made[1]))
+            if len(out) == MAX_REASONS:
+                break
     if not out:
         # Strongest positive signal even if small; if none is positive, say it is for variety.
         for j in order:
