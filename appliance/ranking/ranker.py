@@ -60,7 +60,7 @@ from appliance.ranking.mood import (
     mood_intensity,
     mood_word,
 )
-from appliance.ranking.reasons import SIGNALS, Reason, build_reasons
+from appliance.ranking.reasons import SIGNALS, Reason, fallback_reason, reason_floor, strong_reasons
 
 if TYPE_CHECKING:
     from appliance.config.schema import RankingConfig
@@ -489,12 +489,14 @@ class Ranker:
             b = np.empty(pool_n, dtype=np.float32)
             picked = []
             n_pick = min(want, pool_n)
+            j = 0  # the first pick is the best score (argmax of `base`, which is sorted descending)
             for t in range(n_pick):
-                j = int(val.argmax())
+                if t:
+                    j = int(val.argmax())
                 picked.append(j)
                 if t + 1 == n_pick:
                     break
-                np.matmul(Mp, Mp[j], out=b)
+                Mp.dot(Mp[j], out=b)  # the same BLAS mat-vec as np.matmul, at half the call cost
                 b *= neg_lam
                 b += base
                 np.minimum(val, b, out=val)
@@ -563,9 +565,10 @@ class Ranker:
         T = np.zeros((len(SIGNALS), len(top)), dtype=np.float32)  # every signal's part, for the k shown only
         T[_SEQ], T[_NEXT] = B[0, order], B[1, order]
         if d.taste is not None:
-            T[_CF] = self.F[top] @ d.taste
-        G = self.Gs[top]
-        T[_SESSION], T[_CONTENT] = G @ d.session_w, G @ d.content_w
+            self.F.take(top, axis=0).dot(d.taste, out=T[_CF])
+        G = self.Gs.take(top, axis=0)
+        G.dot(d.session_w, out=T[_SESSION])
+        G.dot(d.content_w, out=T[_CONTENT])
         if d.w_pop:
             T[_POP] = self.pop_z[top] * np.float32(d.w_pop)
         if ctx is not None:
@@ -626,65 +629,73 @@ class Ranker:
 
     def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
                  mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list[RankedItem]:
-        """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores);
-        each fact is computed only when its signal pushed at least one of them up (that is when a reason
-        can use it), for all k items at once, then each item's facts go into one dict."""
-        pushed = (T > 0).any(axis=1).tolist()
+        """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores).
+        A signal's facts (which recent title, which genre...) are computed, for all k items at once, only
+        when some item's reasons will read them: first for the signals strong enough to make a reason, then,
+        for the items none of those explained, for the signals that pushed them up at all."""
         ids, titles = self._id_list, self.catalog.titles
-        seq_pick = next_pick = because = s_gen = p_gen = ctx_best = None
-        if seq_recent is not None and pushed[_SEQ]:
-            sim = self.S[top] @ d.seq_recent_S.T                 # [items, recent]
-            sim[top[:, None] == seq_recent[None, :]] = -np.inf
-            seq_pick = seq_recent[np.argmax(sim, axis=1)].tolist()
-        if nxt is not None and pushed[_NEXT]:
-            next_pick = self._next_attribution(nxt, top).tolist()
-        prow = d.prow
-        if len(prow) and pushed[_CF]:
-            share = (self.F[top] @ d.prow_F.T) * d.pw           # each positive's part of the collab term
-            share[top[:, None] == prow[None, :]] = -np.inf     # "because you liked X" never names X itself
-            b = np.argmax(share, axis=1)
-            b[~np.isfinite(share.max(axis=1))] = -1
-            because = b.tolist()
-        if pushed[_SESSION] or pushed[_CONTENT]:
-            hg = self.has_genre[top]
-            # The item's genre with the largest positive affinity (None when it has none of them).
-            if pushed[_SESSION]:
-                m = np.where(hg, d.s_best, -np.inf)
-                s_gen = [g if ok else None for g, ok in zip(m.argmax(axis=1).tolist(), (m.max(axis=1) > -np.inf)
-                                                            .tolist())]
-            if pushed[_CONTENT]:
-                m = np.where(hg, d.p_best, -np.inf)
-                p_gen = [g if ok else None for g, ok in zip(m.argmax(axis=1).tolist(), (m.max(axis=1) > -np.inf)
-                                                            .tolist())]
-        if ctx_keys and pushed[_CTX]:
-            ctx_best = np.stack([self._ctx_cat[key][top] for key in ctx_keys]).argmax(axis=0).tolist()
-        names = self.catalog.genre_names
-        pop_recent = self.pop_recent[top].tolist()
         Tl = T.T.tolist()
         orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
+        strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
+        for v, o in zip(Tl, orders):
+            floor = reason_floor(v[o[0]])
+            for j in o:
+                if v[j] < floor:
+                    break
+                strong[j] = True
+        facts: list[dict] = [{"pop_recent": p, "mood": mood} for p in self.pop_recent[top].tolist()]
+        self._facts(facts, [j for j, on in enumerate(strong) if on], top, d, ctx_keys, seq_recent, nxt)
         sc = score.tolist()
-        kinds, pitems, pkinds, title_of = d.kinds, d.pitems, d.pkinds, self.catalog.title_of
-        out = []
+        out, weak = [], []
         for i, r in enumerate(top.tolist()):
-            f = {"pop_recent": pop_recent[i], "mood": mood}
-            if seq_pick is not None:
-                q = seq_pick[i]
+            v = Tl[i]
+            reasons = strong_reasons(v, facts[i], orders[i])
+            if not reasons:
+                weak.append(i)
+            out.append(RankedItem(ids[r], titles[r], sc[i], dict(zip(SIGNALS, v)), reasons))
+        if weak:
+            pushed = (T > 0).any(axis=1).tolist()
+            self._facts(facts, [j for j in range(len(SIGNALS)) if pushed[j] and not strong[j]], top, d, ctx_keys,
+                        seq_recent, nxt)
+            for i in weak:
+                out[i].reasons = fallback_reason(Tl[i], facts[i], orders[i])
+        return out
+
+    def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str],
+               seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> None:
+        """Add to each item's facts those the reasons of `signals` need (see reasons.Facts)."""
+        ids, titles = self._id_list, self.catalog.titles
+        if _SEQ in signals and seq_recent is not None:
+            sim = self.S[top] @ d.seq_recent_S.T                 # [items, recent]
+            sim[top[:, None] == seq_recent[None, :]] = -np.inf
+            kinds = d.kinds
+            for f, q in zip(facts, seq_recent[np.argmax(sim, axis=1)].tolist()):
                 rid = ids[q]
                 pos = kinds.get(rid)
                 f["recent_item_id"], f["recent_title"] = rid, titles[q]
                 f["recent_kind"] = pos.kind if pos is not None else "watched"
-            if next_pick is not None:
-                q = next_pick[i]
+        if _NEXT in signals and nxt is not None:
+            for f, q in zip(facts, self._next_attribution(nxt, top).tolist()):
                 f["next_item_id"], f["next_title"] = ids[q], titles[q]
-            if because is not None and because[i] >= 0:
-                q = because[i]
-                f["because_item_id"], f["because_title"], f["because_kind"] = pitems[q], title_of(pitems[q]), pkinds[q]
-            if s_gen is not None and s_gen[i] is not None:
-                f["session_genre"] = names[s_gen[i]]
-            if p_gen is not None and p_gen[i] is not None:
-                f["profile_genre"] = names[p_gen[i]]
-            if ctx_best is not None:
-                f["context_key"] = ctx_keys[ctx_best[i]]
-            v = Tl[i]
-            out.append(RankedItem(ids[r], titles[r], sc[i], dict(zip(SIGNALS, v)), build_reasons(v, f, orders[i])))
-        return out
+        prow = d.prow
+        if _CF in signals and len(prow):
+            share = (self.F[top] @ d.prow_F.T) * d.pw           # each positive's part of the collab term
+            share[top[:, None] == prow[None, :]] = -np.inf     # "because you liked X" never names X itself
+            because = np.argmax(share, axis=1)
+            because[~np.isfinite(share.max(axis=1))] = -1
+            pitems, pkinds, title_of = d.pitems, d.pkinds, self.catalog.title_of
+            for f, q in zip(facts, because.tolist()):
+                if q >= 0:
+                    f["because_item_id"], f["because_title"], f["because_kind"] = pitems[q], title_of(pitems[q]), \
+                        pkinds[q]
+        names = self.catalog.genre_names
+        for sig, best, key in ((_SESSION, d.s_best, "session_genre"), (_CONTENT, d.p_best, "profile_genre")):
+            if sig in signals:  # the item's genre with the largest positive affinity, if it has one
+                m = np.where(self.has_genre[top], best, -np.inf)
+                for f, g, ok in zip(facts, m.argmax(axis=1).tolist(), (m.max(axis=1) > -np.inf).tolist()):
+                    if ok:
+                        f[key] = names[g]
+        if _CTX in signals and ctx_keys:
+            best = np.stack([self._ctx_cat[key][top] for key in ctx_keys]).argmax(axis=0).tolist()
+            for f, c in zip(facts, best):
+                f["context_key"] = ctx_keys[c]

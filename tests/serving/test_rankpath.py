@@ -115,3 +115,23 @@ def test_rank_over_grpc_reads_unpacked_ids_and_refuses_varints(client):
     with pytest.raises(grpc.RpcError) as err:
         raw(head + b"".join(b"\x18" + encode_varint(i) for i in ids), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sfixed64" in err.value.details()
+
+
+def test_rank_context_per_minute_matches_a_fresh_one():
+    """Kept per minute of the request's time, it must be what RankContext.from_request says for that very
+    time, across hour and day boundaries and UTC offsets; refused values are refused every time."""
+    from appliance.serving.core import rank_context
+
+    rng = np.random.default_rng(3)
+    day = 86_400_000
+    times = [1_750_000_000_000 + int(x) for x in rng.integers(0, 30 * day, 300)]
+    times += [h * 3_600_000 + d for h in range(486_110, 486_130) for d in (-1, 0, 1, 59_999, 60_000)]
+    for t in times:
+        for off in (0, 60, 330, -480, -1):
+            for dev in (1, 2):
+                want = RankContext.from_request(dev, t, off, 4)
+                assert rank_context(dev, t, off, 4, "adult") == want
+                assert rank_context(dev, t, off, 0, "13") == RankContext.from_request(dev, t, off, 3)
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            rank_context(1, 1_750_000_000_000, 24 * 60 + 1, 4, "adult")
