@@ -533,7 +533,7 @@ class Ranker:
         B = d.base.take(rows, axis=1)
         seq_recent = None
         if d.seq_q is not None:
-            known = self.seq_known[rows]
+            known = self.seq_known.take(rows)
             nk = int(np.count_nonzero(known))
             if nk:
                 _zscore(B[0], known if nk != len(rows) else None, w.sequence, B[0])
@@ -563,7 +563,7 @@ class Ranker:
         order = self._mmr(rows, score, int(k))
         top = rows[order]
         T = np.zeros((len(SIGNALS), len(top)), dtype=np.float32)  # every signal's part, for the k shown only
-        T[_SEQ], T[_NEXT] = B[0, order], B[1, order]
+        T[[_SEQ, _NEXT]] = B[:2].take(order, axis=1)  # base rows 0, 1: sequence, next
         if d.taste is not None:
             self.F.take(top, axis=0).dot(d.taste, out=T[_CF])
         G = self.Gs.take(top, axis=0)

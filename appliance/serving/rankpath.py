@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,7 +219,7 @@ class ResponseEncoder:
         self._because: dict[int, bytes] = {}                    # item id -> because_item_id field
         self._contrib: dict[str, bytes] = {}
         self._signal_field: dict[str, bytes] = {}
-        self._contrib_struct: dict[tuple[str, ...], tuple[struct.Struct, list]] = {}
+        self._contrib_struct: dict[tuple[str, ...], Callable[[list[float]], bytes]] = {}
         self._lock = threading.Lock()
 
     def _head(self, item_id: int, title: str) -> bytes:
@@ -282,19 +283,20 @@ class ResponseEncoder:
                 body += because.get(b) or self._because_field(b)
             parts.append(_ld(self._t_reason, body))
         contrib = it.contributions
-        packer = self._contrib_struct.get(tuple(contrib))
-        if packer is None:
-            packer = self._contrib_packer(tuple(contrib))
-        args = list(packer[1])
-        args[1::2] = contrib.values()
-        parts.append(packer[0].pack(*args))  # every contribution in one call, zeros written out too
+        packer = self._contrib_struct.get(tuple(contrib)) or self._contrib_packer(tuple(contrib))
+        parts.append(packer(list(contrib.values())))  # every contribution in one call, zeros written out too
         return _ld(self._t_item, b"".join(parts))
 
-    def _contrib_packer(self, names: tuple[str, ...]) -> tuple[struct.Struct, list]:
-        """One Struct that writes every contribution of an item with these signal names, in this order."""
+    def _contrib_packer(self, names: tuple[str, ...]) -> Callable[[list[float]], bytes]:
+        """values -> every contribution of an item with these signal names, in this order: one Struct whose
+        format interleaves each contribution's constant bytes with its float, called by a function made for
+        this many names (`pack(P0, v[0], P1, v[1], ...)`: a third of the cost of building the interleaved
+        argument list per item). Only the name count goes into its source; the bytes are bound as values."""
         prefixes = [self._contribution_prefix(n) for n in names]
-        packer = (struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)),
-                  [x for p in prefixes for x in (p, 0.0)])
+        pack = struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)).pack
+        args = ", ".join(f"P{i}, v[{i}]" for i in range(len(names)))
+        env = {"pack": pack, **{f"P{i}": p for i, p in enumerate(prefixes)}}
+        packer = eval(f"lambda v: pack({args})", env)  # noqa: S307 - source built from integers only
         self._contrib_struct[names] = packer
         return packer
 
