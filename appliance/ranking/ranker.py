@@ -441,7 +441,8 @@ class Ranker:
             d.keep[max_maturity] = keep  # idempotent: two threads store equal masks
         unknown: list[int] = []
         if candidate_ids is None or len(candidate_ids) == 0:
-            return keep.nonzero()[0], unknown
+            allowed = self._allowed[max_maturity]
+            return (self._allowed_rows[max_maturity] if keep is allowed else keep.nonzero()[0]), unknown
         ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
         r = self.catalog.lookup(ids)
         if r.min() < 0:

@@ -56,10 +56,10 @@ _AGE_TAG = (ranker_pb2.RankResponse.DESCRIPTOR.fields_by_name["affect_age_s"].nu
 def decode_packed_int64(buf: bytes) -> np.ndarray:
     """Packed varints (protobuf int64) -> int64 array; ValueError on a truncated or overlong varint.
 
-    Column-wise, with few numpy calls (the Rank path decodes 1,000 ids per call, and each numpy call costs
-    about a microsecond there): one pass finds where each varint ends, then byte j of every varint is
-    or-ed in, masked off where a varint is shorter (one pass per byte of the longest varint: 3 for ids
-    below 2 million). Varints of one length (times in ms, small enums) take a 2-D view instead."""
+    Column-wise, with few numpy calls (EventBatch columns: a call costs about a microsecond, whatever its
+    size): one pass finds where each varint ends, then byte j of every varint is or-ed in, masked off where
+    a varint is shorter (one pass per byte of the longest varint: 3 for ids below 2 million). Varints of
+    one length (times in ms, small enums) take a 2-D view instead."""
     b = np.frombuffer(buf, dtype=np.uint8)
     if b.size == 0:
         return np.zeros(0, dtype=np.int64)
