@@ -187,10 +187,14 @@ class Catalog:
         self.maturity = np.array([r.maturity for r in self.rows], dtype=np.int8)
         self._row: dict[int, int] = {int(i): k for k, i in enumerate(self.ids)}
         self.genre_index = gidx
+        # Dense id -> row table (-1: not a title). When every id is positive, entry 0 and one entry past the
+        # largest id are -1 too, so `take(ids, mode="clip")` maps any id (negative, huge) in one gather.
         self._lut: np.ndarray | None = None
+        self._lut_clips = False
         if len(self.ids) and int(self.ids[0]) >= 0 and int(self.ids[-1]) * 4 <= LUT_MAX_BYTES:
-            self._lut = np.full(int(self.ids[-1]) + 1, -1, dtype=np.int32)
+            self._lut = np.full(int(self.ids[-1]) + 2, -1, dtype=np.int32)
             self._lut[self.ids] = np.arange(len(self.ids), dtype=np.int32)
+            self._lut_clips = int(self.ids[0]) > 0
 
     @classmethod
     def from_rows(cls, rows: Sequence[CatalogRow]) -> Catalog:
@@ -204,13 +208,8 @@ class Catalog:
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if len(self.ids) == 0:
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
-        lut = self._lut
-        if lut is not None:
-            inside = (ids >= 0) & (ids < len(lut))
-            if inside.all():
-                rows = lut[ids].astype(np.int64)
-            else:
-                rows = np.where(inside, lut[np.where(inside, ids, 0)], -1).astype(np.int64)
+        if self._lut is not None:
+            rows = self.lookup(ids).astype(np.int64)
             known = rows >= 0
             if not known.all():
                 rows[~known] = 0
@@ -219,6 +218,20 @@ class Catalog:
         pos_c = np.minimum(pos, len(self.ids) - 1)
         known = self.ids[pos_c] == ids
         return np.where(known, pos_c, 0).astype(np.int64), known
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of int64 `ids`, -1 where an id is not a title (the Rank path: one gather from the dense table
+        when there is one; the rows' dtype is int32 or int64)."""
+        lut = self._lut
+        if lut is not None:
+            if self._lut_clips:
+                return lut.take(ids, mode="clip")
+            inside = (ids >= 0) & (ids < len(lut))
+            return lut[ids] if inside.all() else np.where(inside, lut[np.where(inside, ids, 0)], -1)
+        if len(self.ids) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, pos, -1)
 
     def row_of(self, item_id: int) -> int | None:
         """Row of one id (dict lookup: the per-event path), None when unknown."""

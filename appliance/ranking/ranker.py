@@ -31,7 +31,11 @@ Where the work happens: what depends on nothing but the bundle and catalog is co
 sequence encoder's query, the taste vector, every state-only term of every title) once per state version by
 `prepare`, which the event path calls before its ack; a Rank only gathers its candidates' rows of that,
 z-scores two of them over the candidates, adds the request's context/affect terms, runs MMR and writes the
-reasons of the k titles it returns.
+reasons of the k titles it returns. A Rank is a few dozen numpy calls on ~1,000-element arrays, where each
+call's fixed cost (~1 us) is most of its price, so the Rank path counts calls: what may be shown is one mask
+per state and maturity ceiling, ids become rows with one clipped gather, mean/std skip numpy's Python
+wrappers, and gathers use `take` (C-ordered results). Every shortcut keeps the float32 arithmetic of the
+plain expression it replaces, step for step: rankings and scores are bit-identical.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from appliance.ranking.mood import (
     mood_intensity,
     mood_word,
 )
-from appliance.ranking.reasons import SIGNALS, Reason, build_reasons
+from appliance.ranking.reasons import SIGNALS, Reason, fallback_reason, reason_floor, strong_reasons
 
 if TYPE_CHECKING:
     from appliance.config.schema import RankingConfig
@@ -170,6 +174,13 @@ class _Derived:
     session_w: np.ndarray           # w_s * session affinity, w_c * profile affinity (genre space)
     content_w: np.ndarray
     w_pop: float                    # popularity weight incl. the cold-start share
+    # For the reasons of the top k (gathered once per state instead of once per Rank):
+    prow_F: np.ndarray              # F[prow]: the positives' embeddings ("Because you liked X")
+    seq_recent_S: np.ndarray | None  # S[seq_recent] ("Because you just watched X")
+    s_best: np.ndarray              # s_hat / p_hat where > 0, else -inf (the genre a reason may name)
+    p_best: np.ndarray
+    keep: dict = field(default_factory=dict)  # maturity ceiling -> catalog mask of rows a Rank may show
+                                              # (allowed and not left out), filled on first use
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -177,10 +188,24 @@ def _z(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / sd if sd > 0 else np.zeros_like(x)).astype(np.float32)
 
 
+_add = np.add.reduce
+
+
+def _mean_std(v: np.ndarray) -> tuple[float, float]:
+    """float(v.mean()), float(v.std()) of a float32 vector, bit for bit, without numpy's Python-level
+    `_methods` (a dozen calls and checks: a tenth of a Rank's time): the same reductions in the same
+    order, the same float32 roundings (numpy divides the float32 sum by an intp count in float64)."""
+    n = v.size
+    mean = np.float32(float(_add(v)) / n)
+    dev = v - mean
+    np.square(dev, out=dev)
+    return float(mean), float(np.sqrt(np.float32(float(_add(dev)) / n)))
+
+
 def _zscore(x: np.ndarray, mask: np.ndarray | None, weight: float, out: np.ndarray) -> None:
     """out = weight * (x - mean) / std over x (over x[mask] when given; 0 outside the mask)."""
     v = x[mask] if mask is not None else x
-    mu, sd = float(v.mean()), float(v.std())
+    mu, sd = _mean_std(v)
     if sd <= 0:
         out[:] = 0.0
         return
@@ -227,6 +252,7 @@ class Ranker:
         gn = np.linalg.norm(catalog.genres, axis=1, keepdims=True)
         self.Gl = (catalog.genres / np.maximum(gn, 1e-9)).astype(np.float32)
         self.has_genre = catalog.genres > 0
+        self._id_list: list[int] = catalog.ids.tolist()  # row -> id as a Python int (the reasons' loop)
         # MMR similarity = mean of the embedding cosine and the genre cosine = <M_i, M_j>.
         self._M = (np.hstack([self.Fn, self.Gl]) / np.sqrt(2.0)).astype(np.float32)
         self._allowed = {m: catalog.maturity <= m for m in range(1, 6)}
@@ -249,6 +275,9 @@ class Ranker:
         self._mood_cat = {m: self.Gs @ _table_vec(t, catalog) for m, t in mt.items()}
         self._ctx_cat = {k: (self.w.context * (self.Gs @ _table_vec(t, catalog))).astype(np.float32)
                          for k, t in ct.items()}
+        # Active context rows -> their summed per-title prior, made on first use (a handful of combinations):
+        # the same float32 sums, in the same order, as adding the rows' gathers at Rank time.
+        self._ctx_sum: dict[tuple[str, ...], np.ndarray] = {}
 
     @classmethod
     def from_config(cls, cfg: RankingConfig, bundle_dir: str | os.PathLike[str]) -> Ranker:
@@ -364,7 +393,9 @@ class Ranker:
         if w_pop:
             base[2] += self.pop_z * np.float32(w_pop)
         return _Derived(excl, prow, pw, pitems, pkinds, s_hat, p_hat, seq_q, seq_recent,
-                        next_recent, kinds, base, taste, session_w, content_w, w_pop)
+                        next_recent, kinds, base, taste, session_w, content_w, w_pop, self.F[prow],
+                        self.S[seq_recent] if seq_recent is not None else None,
+                        np.where(s_hat > 0, s_hat, -np.inf), np.where(p_hat > 0, p_hat, -np.inf))
 
     def _positives(self, st: _StateView) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
         """Catalog rows, weights, ids and kinds of the positive titles, newest counted most: a title in
@@ -396,35 +427,50 @@ class Ranker:
 
     # ---- request-time pieces -------------------------------------------------------------------
 
-    def _candidate_rows(self, excl: np.ndarray | None, max_maturity: int, candidate_ids: np.ndarray | None
+    def _candidate_rows(self, d: _Derived, max_maturity: int, candidate_ids: np.ndarray | None
                         ) -> tuple[np.ndarray, list[int]]:
         """Catalog rows to score, ascending and unique (one catalog-sized mask: dedupes, sorts and gates in
-        a few vector passes), and the candidate ids the catalog lacks."""
-        allowed = self._allowed[max_maturity]
+        a few vector passes), and the candidate ids the catalog lacks. What may be shown at all (maturity
+        gate and the state's left-out titles) is one mask per state and ceiling, made on first use."""
+        keep = d.keep.get(max_maturity)
+        if keep is None:
+            keep = self._allowed[max_maturity]
+            if d.excl_rows is not None and len(d.excl_rows):
+                keep = keep.copy()
+                keep[d.excl_rows] = False
+            d.keep[max_maturity] = keep  # idempotent: two threads store equal masks
         unknown: list[int] = []
         if candidate_ids is None or len(candidate_ids) == 0:
-            if excl is None or not len(excl):
-                return self._allowed_rows[max_maturity], unknown
-            mask = allowed.copy()
-        else:
-            ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
-            r, kn = self.catalog.index_of(ids)
-            if not kn.all():
-                unknown = np.unique(ids[~kn]).tolist()
-                r = r[kn]
-            mask = np.zeros(len(allowed), dtype=bool)
-            mask[r] = True
-            mask &= allowed
-        if excl is not None and len(excl):
-            mask[excl] = False
-        return np.flatnonzero(mask), unknown
+            allowed = self._allowed[max_maturity]
+            return (self._allowed_rows[max_maturity] if keep is allowed else keep.nonzero()[0]), unknown
+        ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
+        r = self.catalog.lookup(ids)
+        if r.min() < 0:
+            kn = r >= 0
+            unknown = np.unique(ids[~kn]).tolist()
+            r = r[kn]
+        mask = np.zeros(len(keep), dtype=bool)
+        mask[r] = True
+        mask &= keep
+        return mask.nonzero()[0], unknown
+
+    def _context_sum(self, keys: tuple[str, ...]) -> np.ndarray:
+        """Per title, the summed prior of these active context rows (cached per combination)."""
+        v = self._ctx_sum.get(keys)
+        if v is None:
+            v = self._ctx_cat[keys[0]]
+            for key in keys[1:]:
+                v = v + self._ctx_cat[key]
+            self._ctx_sum[keys] = v
+        return v
 
     def _mmr(self, rows: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
         """Indices into `rows`, in the order to show: MMR over the best MMR_POOL, then by score."""
         c = len(rows)
         pool_n = min(c, MMR_POOL)
-        pool = np.argpartition(-score, pool_n - 1)[:pool_n] if pool_n < c else np.arange(c)
-        pool = pool[np.argsort(-score[pool], kind="stable")]
+        neg = np.negative(score)
+        pool = neg.argpartition(pool_n - 1)[:pool_n] if pool_n < c else np.arange(c)
+        pool = pool[neg[pool].argsort(kind="stable")]
         want = min(k, c)
         if self.diversity <= 0 or pool_n <= 1:
             head = pool
@@ -432,19 +478,26 @@ class Ranker:
             # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. The value
             # after some picks is the min over them of (1 - lam) rel - lam sim[j] (a negative constant times a
             # max is a min of the products; float rounding is monotone), so each pick costs one mat-vec and
-            # one element-wise min. (Mat-vecs, not one pool x pool product: BLAS threads a product.)
-            s = score[pool]
-            rel = (s - s.min()) / max(float(s.max() - s.min()), 1e-9)
-            Mp = self._M[rows[pool]]
+            # one element-wise min, and the last pick none. (Mat-vecs, not one pool x pool product: the
+            # product's float rounding differs from the mat-vec's, and near-ties would then pick differently.)
+            base = score[pool]  # descending: [0] is the max, [-1] the min; in place, the same float32 steps as
+            base -= base[-1]    # ((1 - lam) * ((s - min) / max(max - min, 1e-9))).astype(float32)
+            base /= max(float(base[0]), 1e-9)
+            base *= 1 - self.diversity
+            Mp = self._M.take(rows.take(pool), axis=0)
             neg_lam = np.float32(-self.diversity)
-            base = ((1 - self.diversity) * rel).astype(np.float32)
             val = base.copy()
             b = np.empty(pool_n, dtype=np.float32)
             picked = []
-            for _ in range(min(want, pool_n)):
-                j = int(val.argmax())
+            n_pick = min(want, pool_n)
+            j = 0  # the first pick is the best score (argmax of `base`, which is sorted descending)
+            for t in range(n_pick):
+                if t:
+                    j = int(val.argmax())
                 picked.append(j)
-                np.matmul(Mp, Mp[j], out=b)
+                if t + 1 == n_pick:
+                    break
+                Mp.dot(Mp[j], out=b)  # the same BLAS mat-vec as np.matmul, at half the call cost
                 b *= neg_lam
                 b += base
                 np.minimum(val, b, out=val)
@@ -466,7 +519,7 @@ class Ranker:
         if context.max_maturity not in self._allowed:
             raise ValidationError(f"context.max_maturity must be 1..5, got {context.max_maturity!r}")
         d = self._derived(profile, session)
-        rows, unknown = self._candidate_rows(d.excl_rows, context.max_maturity, candidate_ids)
+        rows, unknown = self._candidate_rows(d, context.max_maturity, candidate_ids)
 
         use_affect = bool(consent) and affect is not None and affect.is_fresh(now_ns, self.affect_stale_s)
         age = affect.age_s(now_ns) if (consent and affect is not None) else -1.0
@@ -476,10 +529,12 @@ class Ranker:
                               (time.perf_counter() - t0) * 1e3)
 
         w = self.w
-        B = d.base[:, rows]  # one gather: sequence, next, and the rest of the state terms of every candidate
+        # One gather: sequence, next, and the rest of the state terms of every candidate. `take` gives a
+        # C-ordered block (`base[:, rows]` is Fortran-ordered: every row below would be strided, 5x slower).
+        B = d.base.take(rows, axis=1)
         seq_recent = None
         if d.seq_q is not None:
-            known = self.seq_known[rows]
+            known = self.seq_known.take(rows)
             nk = int(np.count_nonzero(known))
             if nk:
                 _zscore(B[0], known if nk != len(rows) else None, w.sequence, B[0])
@@ -490,13 +545,12 @@ class Ranker:
         if d.next_recent is not None and B[1].any():
             _zscore(B[1], None, w.next, B[1])
             nxt = d.next_recent
-        score = B.sum(axis=0)
+        score = _add(B, axis=0)
         ctx_keys = [key for key in active_context_keys(context.device, context.local_hour, context.weekday)
                     if key in self._ctx_cat]
         ctx = None
-        for key in ctx_keys:
-            ctx = self._ctx_cat[key][rows] if ctx is None else ctx + self._ctx_cat[key][rows]
-        if ctx is not None:
+        if ctx_keys:
+            ctx = self._context_sum(tuple(ctx_keys)).take(rows)
             score += ctx
         aff = None
         if use_affect:
@@ -510,11 +564,12 @@ class Ranker:
         order = self._mmr(rows, score, int(k))
         top = rows[order]
         T = np.zeros((len(SIGNALS), len(top)), dtype=np.float32)  # every signal's part, for the k shown only
-        T[_SEQ], T[_NEXT] = B[0, order], B[1, order]
+        T[[_SEQ, _NEXT]] = B[:2].take(order, axis=1)  # base rows 0, 1: sequence, next
         if d.taste is not None:
-            T[_CF] = self.F[top] @ d.taste
-        G = self.Gs[top]
-        T[_SESSION], T[_CONTENT] = G @ d.session_w, G @ d.content_w
+            self.F.take(top, axis=0).dot(d.taste, out=T[_CF])
+        G = self.Gs.take(top, axis=0)
+        G.dot(d.session_w, out=T[_SESSION])
+        G.dot(d.content_w, out=T[_CONTENT])
         if d.w_pop:
             T[_POP] = self.pop_z[top] * np.float32(d.w_pop)
         if ctx is not None:
@@ -575,59 +630,73 @@ class Ranker:
 
     def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
                  mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list[RankedItem]:
-        """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores);
-        each fact is computed only when its signal pushed at least one of them up (that is when a reason
-        can use it)."""
-        pushed = (T > 0).any(axis=1)
-        cat_ids, titles = self.catalog.ids, self.catalog.titles
-        n = len(top)
-        facts: list[dict] = [{} for _ in range(n)]
-        if seq_recent is not None and pushed[_SEQ]:
-            sim = self.S[top] @ self.S[seq_recent].T            # [items, recent]
+        """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores).
+        A signal's facts (which recent title, which genre...) are computed, for all k items at once, only
+        when some item's reasons will read them: first for the signals strong enough to make a reason, then,
+        for the items none of those explained, for the signals that pushed them up at all."""
+        ids, titles = self._id_list, self.catalog.titles
+        Tl = T.T.tolist()
+        orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
+        strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
+        for v, o in zip(Tl, orders):
+            floor = reason_floor(v[o[0]])
+            for j in o:
+                if v[j] < floor:
+                    break
+                strong[j] = True
+        facts: list[dict] = [{"pop_recent": p, "mood": mood} for p in self.pop_recent[top].tolist()]
+        self._facts(facts, [j for j, on in enumerate(strong) if on], top, d, ctx_keys, seq_recent, nxt)
+        sc = score.tolist()
+        out, weak = [], []
+        for i, r in enumerate(top.tolist()):
+            v = Tl[i]
+            reasons = strong_reasons(v, facts[i], orders[i])
+            if not reasons:
+                weak.append(i)
+            out.append(RankedItem(ids[r], titles[r], sc[i], dict(zip(SIGNALS, v)), reasons))
+        if weak:
+            pushed = (T > 0).any(axis=1).tolist()
+            self._facts(facts, [j for j in range(len(SIGNALS)) if pushed[j] and not strong[j]], top, d, ctx_keys,
+                        seq_recent, nxt)
+            for i in weak:
+                out[i].reasons = fallback_reason(Tl[i], facts[i], orders[i])
+        return out
+
+    def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str],
+               seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> None:
+        """Add to each item's facts those the reasons of `signals` need (see reasons.Facts)."""
+        ids, titles = self._id_list, self.catalog.titles
+        if _SEQ in signals and seq_recent is not None:
+            sim = self.S[top] @ d.seq_recent_S.T                 # [items, recent]
             sim[top[:, None] == seq_recent[None, :]] = -np.inf
-            pick = seq_recent[np.argmax(sim, axis=1)].tolist()
             kinds = d.kinds
-            for i, r in enumerate(pick):
-                rid = int(cat_ids[r])
+            for f, q in zip(facts, seq_recent[np.argmax(sim, axis=1)].tolist()):
+                rid = ids[q]
                 pos = kinds.get(rid)
-                facts[i].update(recent_item_id=rid, recent_title=titles[r],
-                                recent_kind=pos.kind if pos is not None else "watched")
-        if nxt is not None and pushed[_NEXT]:
-            for i, r in enumerate(self._next_attribution(nxt, top).tolist()):
-                facts[i].update(next_item_id=int(cat_ids[r]), next_title=titles[r])
-        prow, pw, pitems, pkinds = d.prow, d.pw, d.pitems, d.pkinds
-        if len(prow) and pushed[_CF]:
-            share = (self.F[top] @ self.F[prow].T) * pw       # each positive's part of the collab term
+                f["recent_item_id"], f["recent_title"] = rid, titles[q]
+                f["recent_kind"] = pos.kind if pos is not None else "watched"
+        if _NEXT in signals and nxt is not None:
+            for f, q in zip(facts, self._next_attribution(nxt, top).tolist()):
+                f["next_item_id"], f["next_title"] = ids[q], titles[q]
+        prow = d.prow
+        if _CF in signals and len(prow):
+            share = (self.F[top] @ d.prow_F.T) * d.pw           # each positive's part of the collab term
             share[top[:, None] == prow[None, :]] = -np.inf     # "because you liked X" never names X itself
             because = np.argmax(share, axis=1)
             because[~np.isfinite(share.max(axis=1))] = -1
-            for i, b in enumerate(because.tolist()):
-                if b >= 0:
-                    facts[i].update(because_item_id=pitems[b], because_title=self.catalog.title_of(pitems[b]),
-                                    because_kind=pkinds[b])
+            pitems, pkinds, title_of = d.pitems, d.pkinds, self.catalog.title_of
+            for f, q in zip(facts, because.tolist()):
+                if q >= 0:
+                    f["because_item_id"], f["because_title"], f["because_kind"] = pitems[q], title_of(pitems[q]), \
+                        pkinds[q]
         names = self.catalog.genre_names
-        hg = self.has_genre[top]
-        for hat, sig, key in ((d.s_hat, _SESSION, "session_genre"), (d.p_hat, _CONTENT, "profile_genre")):
-            if pushed[sig]:
-                pos_g = hg & (hat > 0)
-                gen = np.where(pos_g, hat, -np.inf).argmax(axis=1).tolist()
-                ok = pos_g.any(axis=1).tolist()
-                for i in range(n):
-                    if ok[i]:
-                        facts[i][key] = names[gen[i]]
-        if ctx_keys and pushed[_CTX]:
-            ctx_best = np.stack([self._ctx_cat[key][top] for key in ctx_keys]).argmax(axis=0).tolist()
-            for i in range(n):
-                facts[i]["context_key"] = ctx_keys[ctx_best[i]]
-        pop_recent = self.pop_recent[top].tolist()
-        Tl = T.T.tolist()
-        orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
-        sc = score.tolist()
-        out = []
-        for i, r in enumerate(top.tolist()):
-            f = facts[i]
-            f["pop_recent"] = pop_recent[i]
-            f["mood"] = mood
-            out.append(RankedItem(int(cat_ids[r]), titles[r], sc[i], dict(zip(SIGNALS, Tl[i])),
-                                  build_reasons(Tl[i], f, orders[i])))
-        return out
+        for sig, best, key in ((_SESSION, d.s_best, "session_genre"), (_CONTENT, d.p_best, "profile_genre")):
+            if sig in signals:  # the item's genre with the largest positive affinity, if it has one
+                m = np.where(self.has_genre[top], best, -np.inf)
+                for f, g, ok in zip(facts, m.argmax(axis=1).tolist(), (m.max(axis=1) > -np.inf).tolist()):
+                    if ok:
+                        f[key] = names[g]
+        if _CTX in signals and ctx_keys:
+            best = np.stack([self._ctx_cat[key][top] for key in ctx_keys]).argmax(axis=0).tolist()
+            for f, c in zip(facts, best):
+                f["context_key"] = ctx_keys[c]

@@ -88,21 +88,41 @@ def build_reasons(values: Sequence[float], facts: Facts, order: Sequence[int] | 
     all returned items at once)."""
     if order is None:
         order = sorted(range(len(SIGNALS)), key=values.__getitem__, reverse=True)  # stable, like argsort
-    top = values[order[0]]
-    floor = max(MIN_ABS, MIN_SHARE * top)
+    return strong_reasons(values, facts, order) or fallback_reason(values, facts, order)
+
+
+def strong_reasons(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
+    """The reasons of the signals that pushed the item up enough (possibly none). Reads the facts of
+    those signals only: the ones whose value is not below `reason_floor(max(values))`."""
+    floor = reason_floor(values[order[0]])
     out: list[Reason] = []
+    named: list[int] = []  # titles already named by a reason
     for j in order:
         value = values[j]
-        if value < floor or len(out) >= MAX_REASONS:
+        if value < floor:
             break
         made = _TEXT[j](facts)
-        if made is not None and not (made[1] and any(r.because_item_id == made[1] for r in out)):
-            out.append(Reason(made[0], SIGNALS[j], value, made[1]))  # one reason per named title
-    if not out:
-        # Strongest positive signal even if small; if none is positive, say it is for variety.
-        for j in order:
-            made = _TEXT[j](facts) if values[j] > 0 else None
-            if made is not None:
-                return [Reason(made[0], SIGNALS[j], float(values[j]), made[1])]
-        out.append(Reason("Something different to try", SIGNALS[order[0]], float(top), 0))
+        if made is not None:
+            if made[1]:
+                if made[1] in named:
+                    continue  # one reason per named title
+                named.append(made[1])
+            out.append(Reason(made[0], SIGNALS[j], value, made[1]))
+            if len(out) == MAX_REASONS:
+                break
     return out
+
+
+def fallback_reason(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
+    """When no signal made a reason: the strongest positive signal even if small; if none is positive, say
+    it is for variety. Reads the facts of any positive signal."""
+    for j in order:
+        made = _TEXT[j](facts) if values[j] > 0 else None
+        if made is not None:
+            return [Reason(made[0], SIGNALS[j], float(values[j]), made[1])]
+    return [Reason("Something different to try", SIGNALS[order[0]], float(values[order[0]]), 0)]
+
+
+def reason_floor(top: float) -> float:
+    """The least value of a signal that may make a reason, for an item whose strongest value is `top`."""
+    return max(MIN_ABS, MIN_SHARE * top)

@@ -383,8 +383,23 @@ def _row_tuple(r: CatalogRow) -> tuple[int, str, str, int | None, int]:
     return (r.item_id, r.title, "|".join(r.genres), r.year, r.maturity)
 
 
+_CONTEXTS: dict[tuple[int, int, int, int], RankContext] = {}
+
+
 def rank_context(device: int, local_time_ms: int, utc_offset_min: int, max_maturity: int,
                  default_max: str) -> RankContext:
-    """The ranker's context from the request's (no local time given = now; no ceiling = config's)."""
-    return RankContext.from_request(device, local_time_ms if local_time_ms > 0 else now_ms(), utc_offset_min,
-                                    max_maturity or MATURITY_BY_NAME[default_max])
+    """The ranker's context from the request's (no local time given = now; no ceiling = config's).
+
+    Kept per minute of the request's time: the hour and weekday cannot change within a UTC minute (offsets
+    are whole minutes, and the time's valid range ends on a minute), and building it takes two datetime
+    objects (~10 us of a Rank). A request the ranker refuses is never kept."""
+    t = local_time_ms if local_time_ms > 0 else now_ms()
+    ceiling = max_maturity or MATURITY_BY_NAME[default_max]
+    key = (device, t // 60_000, utc_offset_min, ceiling)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        ctx = RankContext.from_request(device, t, utc_offset_min, ceiling)
+        if len(_CONTEXTS) >= 4096:
+            _CONTEXTS.clear()
+        _CONTEXTS[key] = ctx
+    return ctx

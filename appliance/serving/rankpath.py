@@ -3,9 +3,10 @@
 **Wire view of RankRequest.** The server decodes `appliance.v1.RankRequest` through a private message
 with the same field numbers in which the packed `candidate_ids` and the `context` are kept as bytes
 (protobuf's length-delimited wire type is the same for both). Parsing it costs ~0.5 us instead of ~7 us,
-the packed ids become an int64 array in one numpy pass, and the raw id bytes serve as the cache key
-without decoding. Anything the wire view cannot see exactly (ids sent unpacked, which a parser must also
-accept) shows up as unknown fields, and then the request is decoded by the public message instead.
+the packed ids (sfixed64: eight little-endian bytes each) ARE an int64 array (`np.frombuffer`, no copy),
+and the raw id bytes serve as the cache key. Anything the wire view cannot see exactly (ids sent unpacked,
+which a parser must also accept) shows up as unknown fields, and then the request is decoded by the public
+message instead; ids sent as varints (the field's former int64 type) are refused, never misread.
 
 **Response cache.** A TV grid re-ranks the same row on every focus change. A Rank's answer depends on
 the session's and the profile's state (their `version` counters bump on every event), the context the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,8 @@ _pool.Add(_file)
 RankRequestWire = message_factory.GetMessageClass(_pool.FindMessageTypeByName("appliance.internal.RankRequestWire"))
 
 _SHIFTS = (7 * np.arange(10, dtype=np.uint64)).astype(np.uint64)
+_IDS = np.dtype("<i8")  # sfixed64 on the wire
+_IDS_FIELD = ranker_pb2.RankRequest.DESCRIPTOR.fields_by_name["candidate_ids"].number
 _AGE = struct.Struct("<Bf")
 _AGE_TAG = (ranker_pb2.RankResponse.DESCRIPTOR.fields_by_name["affect_age_s"].number << 3) | 5  # fixed32
 
@@ -52,32 +56,39 @@ _AGE_TAG = (ranker_pb2.RankResponse.DESCRIPTOR.fields_by_name["affect_age_s"].nu
 def decode_packed_int64(buf: bytes) -> np.ndarray:
     """Packed varints (protobuf int64) -> int64 array; ValueError on a truncated or overlong varint.
 
-    Column-wise: one pass finds where each varint ends, then byte j of every varint long enough is
-    or-ed in (at most 10 small passes), so the cost follows the number of ids, not of bytes x 10."""
+    Column-wise, with few numpy calls (EventBatch columns: a call costs about a microsecond, whatever its
+    size): one pass finds where each varint ends, then byte j of every varint is or-ed in, masked off where
+    a varint is shorter (one pass per byte of the longest varint: 3 for ids below 2 million). Varints of
+    one length (times in ms, small enums) take a 2-D view instead."""
     b = np.frombuffer(buf, dtype=np.uint8)
     if b.size == 0:
         return np.zeros(0, dtype=np.int64)
-    ends = np.flatnonzero(b < 0x80)
+    ends = (b < 0x80).nonzero()[0]
     if ends.size == 0 or ends[-1] != b.size - 1:
         raise ValueError("truncated varint")
     n = ends.size
+    if n == b.size:  # every varint is one byte
+        return b.astype(np.int64)
     starts = np.empty_like(ends)
     starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lens = ends - starts + 1
-    longest = int(lens.max())
+    np.add(ends[:-1], 1, out=starts[1:])
+    extra = ends - starts  # bytes after the first
+    longest = int(extra.max()) + 1
     if longest > 10:
         raise ValueError("varint longer than 10 bytes")
-    out = np.zeros(n, dtype=np.uint64)
-    if int(lens.min()) == longest:  # all the same length (times in ms, small enums): a 2-D view
+    if n * longest == b.size:  # all the same length
         m = b.reshape(n, longest)
-        for j in range(longest):
+        out = (m[:, 0] & 0x7F).astype(np.uint64)
+        for j in range(1, longest):
             out |= (m[:, j] & 0x7F).astype(np.uint64) << _SHIFTS[j]
         return out.view(np.int64)
-    out |= (b[starts] & 0x7F).astype(np.uint64)
+    low = (b & 0x7F).astype(np.uint64)
+    out = low[starts]
     for j in range(1, longest):
-        sel = np.flatnonzero(lens > j)
-        out[sel] |= (b[starts[sel] + j] & 0x7F).astype(np.uint64) << _SHIFTS[j]
+        t = low.take(starts + j, mode="clip")  # byte j, or a byte of the next varint (masked off next)
+        t *= extra >= j
+        t <<= _SHIFTS[j]
+        out |= t
     return out.view(np.int64)
 
 
@@ -89,21 +100,19 @@ class RankCall:
     session_id: str
     context: common_pb2.Context
     k: int
-    ids_key: bytes                # the candidate ids as packed varints: the cache key
+    ids_key: bytes                # the candidate ids as packed sfixed64: the cache key
     _ids: np.ndarray | None = None
 
     def ids(self, max_count: int) -> np.ndarray | None:
         """The candidate ids (None when none were sent: the whole catalog); at most `max_count`, counted
         before anything is decoded (a 4 MB message must not become 100 MB of temporaries)."""
         if self._ids is None and self.ids_key:
-            n = len(self.ids_key) if len(self.ids_key) <= max_count else \
-                int(np.count_nonzero(np.frombuffer(self.ids_key, dtype=np.uint8) < 0x80))
+            n, rest = divmod(len(self.ids_key), 8)
+            if rest:
+                raise ValidationError("candidate_ids: packed sfixed64 expected (8 bytes per id)")
             if n > max_count:
                 raise ValidationError(f"candidate_ids: at most {max_count} per call, got {n}")
-            try:
-                self._ids = decode_packed_int64(self.ids_key)
-            except ValueError:
-                raise ValidationError("candidate_ids: malformed packed varints") from None
+            self._ids = np.frombuffer(self.ids_key, dtype=_IDS)
         return self._ids
 
 
@@ -111,25 +120,30 @@ def parse_rank_request(data: bytes) -> RankCall:
     """Decode a serialized appliance.v1.RankRequest; ValidationError when it is not one."""
     try:
         wire = RankRequestWire.FromString(data)
-        if len(UnknownFieldSet(wire)):  # ids sent unpacked, or a field of an unexpected wire type
-            return _parse_slow(data)
-        ctx = common_pb2.Context.FromString(b"".join(wire.context)) if wire.context else common_pb2.Context()
-        chunks = wire.candidate_ids
-        ids_key = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        slow = len(UnknownFieldSet(wire)) > 0  # ids sent unpacked, or a field of an unexpected wire type
+        if not slow:
+            ctx = common_pb2.Context.FromString(b"".join(wire.context)) if wire.context else common_pb2.Context()
+            chunks = wire.candidate_ids
+            ids_key = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     except Exception:  # noqa: BLE001 - any decoding failure is the client's malformed message
         raise ValidationError("request is not a valid appliance.v1.RankRequest") from None
-    return RankCall(wire.session_id, ctx, wire.k, ids_key)
+    return _parse_slow(data) if slow else RankCall(wire.session_id, ctx, wire.k, ids_key)
 
 
 def _parse_slow(data: bytes) -> RankCall:
-    req = ranker_pb2.RankRequest.FromString(data)
+    try:
+        req = ranker_pb2.RankRequest.FromString(data)
+        varints = any(f.field_number == _IDS_FIELD for f in UnknownFieldSet(req))
+    except Exception:  # noqa: BLE001 - the client's malformed message
+        raise ValidationError("request is not a valid appliance.v1.RankRequest") from None
+    if varints:  # a client built for the field's former int64 type
+        raise ValidationError("candidate_ids: sfixed64 expected, got varints (regenerate the client from "
+                              "appliance/v1/ranker.proto)")
     if not req.candidate_ids:
         return RankCall(req.session_id, req.context, req.k, b"")
-    ids = np.fromiter(req.candidate_ids, dtype=np.int64, count=len(req.candidate_ids))
+    ids = np.fromiter(req.candidate_ids, dtype=_IDS, count=len(req.candidate_ids))
     # The key is the canonical packed form, exactly what a packed request with these ids carries.
-    packed = RankRequestWire.FromString(ranker_pb2.RankRequest(candidate_ids=req.candidate_ids)
-                                        .SerializeToString()).candidate_ids[0]
-    return RankCall(req.session_id, req.context, req.k, packed, ids)
+    return RankCall(req.session_id, req.context, req.k, ids.tobytes(), ids)
 
 
 def with_age(payload: bytes, affect_age_s: float) -> bytes:
@@ -153,7 +167,11 @@ def encode_varint(n: int) -> bytes:
 def _ld(tag: int, payload: bytes) -> bytes:
     """A length-delimited field: tag byte, length, payload."""
     n = len(payload)
-    return (bytes((tag, n)) if n < 0x80 else bytes((tag,)) + encode_varint(n)) + payload
+    if n < 0x80:
+        return bytes((tag, n)) + payload
+    if n < 0x4000:  # an item of the answer: a two-byte length
+        return bytes((tag, (n & 0x7F) | 0x80, n >> 7)) + payload
+    return bytes((tag,)) + encode_varint(n) + payload
 
 
 _BYTE = tuple(bytes((i,)) for i in range(0x80))
@@ -197,9 +215,11 @@ class ResponseEncoder:
         self._t_c_signal = (num(_Contribution, "signal") << 3) | 2
         self._t_c_value = bytes(((num(_Contribution, "value") << 3) | 5,))
         self._heads: dict[tuple[int, str], bytes] = {}
+        self._reason_heads: dict[tuple[str, str], bytes] = {}  # (text, signal) -> those two fields
+        self._because: dict[int, bytes] = {}                    # item id -> because_item_id field
         self._contrib: dict[str, bytes] = {}
         self._signal_field: dict[str, bytes] = {}
-        self._contrib_struct: dict[tuple[str, ...], tuple[struct.Struct, list]] = {}
+        self._contrib_struct: dict[tuple[str, ...], Callable[[list[float]], bytes]] = {}
         self._lock = threading.Lock()
 
     def _head(self, item_id: int, title: str) -> bytes:
@@ -213,6 +233,23 @@ class ResponseEncoder:
                     self._heads.clear()
                 self._heads[key] = h
         return h
+
+    def _reason_head(self, text: str, signal: str) -> bytes:
+        """A reason's text and signal fields (the texts name titles: bounded by catalog x signals)."""
+        h = (_ld(self._t_r_text, text.encode()) if text else b"") + self._signal(signal)
+        with self._lock:
+            if len(self._reason_heads) > 100_000:
+                self._reason_heads.clear()
+            self._reason_heads[(text, signal)] = h
+        return h
+
+    def _because_field(self, item_id: int) -> bytes:
+        f = self._t_r_because + encode_varint(item_id)
+        with self._lock:
+            if len(self._because) > 100_000:
+                self._because.clear()
+            self._because[item_id] = f
+        return f
 
     def _signal(self, signal: str) -> bytes:
         f = self._signal_field.get(signal)
@@ -235,28 +272,31 @@ class ResponseEncoder:
         f = pack(it.score)
         if f != _ZERO32:  # protobuf leaves out a float whose bits are 0 (-0.0 is kept)
             parts += (self._t_score, f)
+        heads, because = self._reason_heads, self._because
         for r in it.reasons:
-            body = (_ld(self._t_r_text, r.text.encode()) if r.text else b"") + self._signal(r.signal)
+            body = heads.get((r.text, r.signal)) or self._reason_head(r.text, r.signal)
             f = pack(r.weight)
             if f != _ZERO32:
                 body += self._t_r_weight + f
-            if r.because_item_id:
-                body += self._t_r_because + encode_varint(r.because_item_id)
+            b = r.because_item_id
+            if b:
+                body += because.get(b) or self._because_field(b)
             parts.append(_ld(self._t_reason, body))
         contrib = it.contributions
-        packer = self._contrib_struct.get(tuple(contrib))
-        if packer is None:
-            packer = self._contrib_packer(tuple(contrib))
-        args = list(packer[1])
-        args[1::2] = contrib.values()
-        parts.append(packer[0].pack(*args))  # every contribution in one call, zeros written out too
+        packer = self._contrib_struct.get(tuple(contrib)) or self._contrib_packer(tuple(contrib))
+        parts.append(packer(list(contrib.values())))  # every contribution in one call, zeros written out too
         return _ld(self._t_item, b"".join(parts))
 
-    def _contrib_packer(self, names: tuple[str, ...]) -> tuple[struct.Struct, list]:
-        """One Struct that writes every contribution of an item with these signal names, in this order."""
+    def _contrib_packer(self, names: tuple[str, ...]) -> Callable[[list[float]], bytes]:
+        """values -> every contribution of an item with these signal names, in this order: one Struct whose
+        format interleaves each contribution's constant bytes with its float, called by a function made for
+        this many names (`pack(P0, v[0], P1, v[1], ...)`: a third of the cost of building the interleaved
+        argument list per item). Only the name count goes into its source; the bytes are bound as values."""
         prefixes = [self._contribution_prefix(n) for n in names]
-        packer = (struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)),
-                  [x for p in prefixes for x in (p, 0.0)])
+        pack = struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)).pack
+        args = ", ".join(f"P{i}, v[{i}]" for i in range(len(names)))
+        env = {"pack": pack, **{f"P{i}": p for i, p in enumerate(prefixes)}}
+        packer = eval(f"lambda v: pack({args})", env)  # noqa: S307 - source built from integers only
         self._contrib_struct[names] = packer
         return packer
 

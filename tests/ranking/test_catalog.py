@@ -14,6 +14,7 @@ from appliance.ranking.catalog import (
     MATURITY_16,
     MATURITY_ALL,
     Catalog,
+    CatalogRow,
     derive_maturity,
     parse_catalog_csv,
     write_catalog_csv,
@@ -98,6 +99,19 @@ def test_catalog_arrays_index_of_and_roundtrip(tmp_path: Path) -> None:
     out = tmp_path / "round.csv"
     write_catalog_csv(cat.rows, out)
     assert parse_catalog_csv(out) == cat.rows
+
+
+@pytest.mark.parametrize("ids", [[3, 7, 1000], [0, 3, 7, 1000], [3, 7, 10**12]])
+def test_lookup_maps_any_id_like_index_of(ids: list[int]) -> None:
+    """Dense table with clipping (ids > 0), dense table with id 0 (bounds checked), binary search (huge ids)."""
+    cat = Catalog.from_rows([CatalogRow(item_id=i, title=f"t{i}", genres=("Drama",), year=None, maturity=1)
+                             for i in ids])
+    asked = np.array([7, -1, 0, 3, 1000, 1001, 10**12, 10**12 + 1, -(2**63), 2**63 - 1, 5], dtype=np.int64)
+    got = cat.lookup(asked)
+    want = [ids.index(int(i)) if int(i) in ids else -1 for i in asked]
+    assert got.tolist() == want
+    rows, known = cat.index_of(asked)
+    assert known.tolist() == [w >= 0 for w in want] and rows.tolist() == [max(w, 0) for w in want]
 
 
 def test_parses_the_whole_movielens_catalog() -> None:

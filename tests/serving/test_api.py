@@ -87,7 +87,7 @@ def test_bad_input_statuses_and_no_state_change(ranker, client):
                               grpc.StatusCode.INVALID_ARGUMENT),
         "too many candidates": (R, ranker_pb2.RankRequest(session_id=sid, k=5, candidate_ids=list(range(1, 20002))),
                                 grpc.StatusCode.INVALID_ARGUMENT),
-        "oversize message": (R, ranker_pb2.RankRequest(session_id=sid, k=5, candidate_ids=[2**40] * 1_000_000),  # ~6 MB > 4 MB limit
+        "oversize message": (R, ranker_pb2.RankRequest(session_id=sid, k=5, candidate_ids=[2**40] * 1_000_000),  # 8 MB > 4 MB limit
                              grpc.StatusCode.RESOURCE_EXHAUSTED),
         "bad event enum": (client.events.IngestBatch,
                            events_pb2.EventBatch(session_id=sid, types=[42], item_ids=[1], client_time_ms=[1]),

@@ -105,9 +105,11 @@ def test_unpacked_and_packed_batches_mean_the_same(ranker, client):
 
 def test_varint_decoder_matches_protobuf():
     rng = np.random.default_rng(1)
-    for n in (1, 2, 7, 1000, 20_000):
+    for n in (1, 2, 7, 1000, 1001, 20_000):
         vals = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
         vals[: n // 2] = rng.integers(0, 1 << 20, n // 2)
+        if n == 1001:
+            vals[:] = rng.integers(1, 200_000, n)  # 1 to 3 bytes each: a Rank's candidate ids
         if n == 20_000:
             vals[:] = 1_700_000_000_000 + np.arange(n)  # all the same length: the 2-D path
         packed = EventBatchWire.FromString(events_pb2.EventBatch(item_ids=vals.tolist()).SerializeToString()).item_ids

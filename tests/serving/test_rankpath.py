@@ -1,17 +1,22 @@
-"""The Rank hot path's hand-made response encoder must mean exactly what the generated message means."""
+"""The Rank hot path's hand-made request decoding and response encoding must mean exactly what the
+generated messages mean."""
 
 from __future__ import annotations
 
+import struct
+
+import grpc
 import numpy as np
 import pytest
 
+from appliance.errors import ValidationError
 from appliance.fusion.state import COMPLETE, LIKE, SKIP, AffectState, ProfileState, SessionState
 from appliance.ranking import RankContext
 from appliance.ranking.ranker import RankedItem, RankResult
 from appliance.ranking.reasons import Reason
-from appliance.serving.rankpath import encode_response, with_age
+from appliance.serving.rankpath import encode_response, encode_varint, parse_rank_request, with_age
 from appliance.serving.services import add_ranked_items
-from appliance.v1 import ranker_pb2
+from appliance.v1 import common_pb2, ranker_pb2
 
 
 def _reference(result: RankResult) -> ranker_pb2.RankResponse:
@@ -61,3 +66,72 @@ def test_edge_values_encode_like_protobuf():
     assert ranker_pb2.RankResponse.FromString(encode_response(result)) == _reference(result)
     assert ranker_pb2.RankResponse.FromString(encode_response(RankResult([], False, -1.0, "", ""))) == \
         ranker_pb2.RankResponse()
+
+
+def _request(ids: list[int]) -> ranker_pb2.RankRequest:
+    return ranker_pb2.RankRequest(session_id="a" * 32, k=7, candidate_ids=ids,
+                                  context=common_pb2.Context(device=common_pb2.DEVICE_TYPE_TV, max_maturity=3))
+
+
+def test_packed_and_unpacked_ids_decode_alike():
+    """Packed sfixed64 (what generated clients send) and unpacked (legal protobuf) give the same ids and the
+    same cache key; the rest of the request is read as the generated message reads it."""
+    ids = [5, 1, 2**40, 193609, 5, -3]
+    req = _request(ids)
+    packed = parse_rank_request(req.SerializeToString())
+    head = _request([]).SerializeToString()
+    unpacked = parse_rank_request(head + b"".join(b"\x19" + struct.pack("<q", i) for i in ids))
+    for call in (packed, unpacked):
+        assert call.ids(100).tolist() == ids
+        assert (call.session_id, call.k, call.context) == (req.session_id, req.k, req.context)
+    assert packed.ids_key == unpacked.ids_key == np.array(ids, dtype="<i8").tobytes()
+    assert parse_rank_request(head).ids(100) is None  # no ids: the whole catalog
+    with pytest.raises(ValidationError, match="at most 5 per call, got 6"):
+        parse_rank_request(req.SerializeToString()).ids(5)
+
+
+def test_ids_written_as_varints_are_refused_not_misread():
+    """A client built for the field's former int64 type: packed or unpacked varints are INVALID_ARGUMENT."""
+    head = _request([]).SerializeToString()
+    varints = b"".join(encode_varint(i) for i in (5, 1, 300))  # 4 bytes: not a whole number of sfixed64
+    with pytest.raises(ValidationError, match="sfixed64"):
+        parse_rank_request(head + b"\x1a" + bytes([len(varints)]) + varints).ids(100)
+    with pytest.raises(ValidationError, match="sfixed64"):
+        parse_rank_request(head + b"".join(b"\x18" + encode_varint(i) for i in (5, 1, 300)))
+    for junk in (b"\x1a\x09" + bytes(8), b"\xff\xff\xff"):  # truncated field, garbage
+        with pytest.raises(ValidationError, match="not a valid"):
+            parse_rank_request(head + junk)
+
+
+def test_rank_over_grpc_reads_unpacked_ids_and_refuses_varints(client):
+    sid = client.start_session("wire")
+    ids = [1, 2, 3, 5, 6]
+    want = client.rank(sid, k=3, candidate_ids=ids)
+    raw = client.channel.unary_unary("/appliance.v1.Ranker/Rank", request_serializer=None,
+                                     response_deserializer=ranker_pb2.RankResponse.FromString)
+    head = ranker_pb2.RankRequest(session_id=sid, k=3).SerializeToString()
+    got = raw(head + b"".join(b"\x19" + struct.pack("<q", i) for i in ids), timeout=5)
+    assert [it.item_id for it in got.items] == [it.item_id for it in want.items]
+    with pytest.raises(grpc.RpcError) as err:
+        raw(head + b"".join(b"\x18" + encode_varint(i) for i in ids), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sfixed64" in err.value.details()
+
+
+def test_rank_context_per_minute_matches_a_fresh_one():
+    """Kept per minute of the request's time, it must be what RankContext.from_request says for that very
+    time, across hour and day boundaries and UTC offsets; refused values are refused every time."""
+    from appliance.serving.core import rank_context
+
+    rng = np.random.default_rng(3)
+    day = 86_400_000
+    times = [1_750_000_000_000 + int(x) for x in rng.integers(0, 30 * day, 300)]
+    times += [h * 3_600_000 + d for h in range(486_110, 486_130) for d in (-1, 0, 1, 59_999, 60_000)]
+    for t in times:
+        for off in (0, 60, 330, -480, -1):
+            for dev in (1, 2):
+                want = RankContext.from_request(dev, t, off, 4)
+                assert rank_context(dev, t, off, 4, "adult") == want
+                assert rank_context(dev, t, off, 0, "13") == RankContext.from_request(dev, t, off, 3)
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            rank_context(1, 1_750_000_000_000, 24 * 60 + 1, 4, "adult")
