@@ -54,10 +54,11 @@ class VisionConfig(StrictModel):
     min_face_score: float = Field(0.5, gt=0, lt=1)
     max_faces: int = Field(8, ge=1, le=64)
     smoothing: float = Field(0.3, gt=0, le=1, description="EMA weight of the newest frame's affect")
-    emotion_model: Literal["emotion_vgg48_ms", "emotion_cnn48", "fer_mini_xception"] = Field(
-        "emotion_vgg48_ms", description="manifest entry of the emotion classifier: emotion_vgg48_ms (ours, "
-        "recipe r3); emotion_cnn48 (ours, r1, 7x less compute) and fer_mini_xception are the lighter "
-        "alternatives (models/emotion/MODEL_CARD_OWN.md)")
+    emotion_model: Literal["emotion_cnn48", "emotion_vgg48_ms", "fer_mini_xception"] = Field(
+        "emotion_cnn48", description="manifest entry of the emotion classifier: emotion_cnn48 (ours, recipe "
+        "r1) on CPU boxes; emotion_vgg48_ms (ours, r3: better on validation, 7x the compute, 3 ms a face on "
+        "one AVX2 core) where a GPU runs it (the Jetson and CUDA configs); fer_mini_xception, the reference "
+        "(models/emotion/MODEL_CARD_OWN.md)")
     runtime: Literal["onnxruntime", "tensorrt"] = Field(
         "onnxruntime", description="onnxruntime: ONNX Runtime with `providers` in order; tensorrt: native "
         "TensorRT engines built per device at `precision` (where TensorRT or a GPU is absent, or a build "

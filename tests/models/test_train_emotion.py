@@ -117,8 +117,10 @@ def test_recipe_runs_end_to_end_on_a_tiny_set(torch, te, tmp_path: Path):
     assert (models / entry.output.path).stat().st_size == entry.output.bytes
 
 
-def test_pack_decodes_to_the_same_pixels(te, tmp_path: Path):
-    """The one-file pack a GPU machine trains from holds exactly the folder's images and labels."""
+def test_pack_decodes_to_the_same_pixels(tmp_path: Path):
+    """The one-file pack a GPU machine trains from holds exactly the folder's images and labels (no torch)."""
+    from appliance.models import train_emotion as te
+
     data = tmp_path / "data"
     _tiny_folder(data)
     te.main(["--data", str(data), "--pack", str(tmp_path / "pack.npz")])
