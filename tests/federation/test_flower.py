@@ -5,8 +5,6 @@ in-process grid (every message still goes through Flower's protobuf serialisatio
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -24,13 +22,7 @@ class ZeroNoise:
         return np.zeros(size)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_flower():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_flower")
 
 
 def _fleet(n_boxes, n_items=40, d=8, n=30, seed=0):

@@ -19,7 +19,6 @@ the search finds each kind when it is there.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import struct
 import uuid
@@ -62,13 +61,7 @@ def bundle() -> RankerBundle:
     return RankerBundle.load(BUNDLE)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_flower():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_flower")
 
 
 def make_box(root: Path, bundle: RankerBundle, b: int, n_titles: int = 30) -> Box:
