@@ -49,8 +49,10 @@ def _frames(video: Path, width: int, height: int, limit: int):
     import cv2
 
     from appliance.capture.frame import fit_frame
+    from appliance.config import default_config
 
-    cap = cv2.VideoCapture(str(video))
+    threads = default_config().capture.decode_threads  # as the capture thread opens a file
+    cap = cv2.VideoCapture(str(video), cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else [])
     if not cap.isOpened():
         raise SystemExit(f"bench vision: cannot open video {video}")
     n = 0

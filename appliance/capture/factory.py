@@ -64,7 +64,8 @@ def source_factory(cfg: CaptureConfig, pipelines_dir: Path | None = None,
         return (lambda: SyntheticFaceSource(w, h, fps)), "synthetic:astronaut"
     if cfg.kind == "opencv":
         name = redact(f"opencv:{cfg.uri}")
-        return (lambda: OpenCVSource(cfg.uri, w, h, fps, loop=cfg.loop, name=name)), name
+        return (lambda: OpenCVSource(cfg.uri, w, h, fps, loop=cfg.loop, name=name,
+                                     decode_threads=cfg.decode_threads)), name
     if cfg.kind == "gstreamer":
         desc = resolve(cfg.pipeline, device=cfg.device, uri=cfg.device or cfg.uri, width=w, height=h,
                        fps=fps, pipelines_dir=pipelines_dir)

@@ -36,12 +36,13 @@ class OpenCVSource(ThreadedSource):
     """cv2.VideoCapture on a reader thread; end of file (loop=False) or a read error = failed."""
 
     def __init__(self, uri: str, width: int, height: int, fps: float, loop: bool = True,
-                 api_preference: int = cv2.CAP_ANY, name: str | None = None) -> None:
+                 api_preference: int = cv2.CAP_ANY, name: str | None = None, decode_threads: int = 1) -> None:
         super().__init__(name or f"opencv:{uri}", width, height)
         self.uri = uri.strip()
         self.fps = float(fps)
         self.loop = loop
         self.api_preference = api_preference
+        self.decode_threads = int(decode_threads)
         self.kind = "pipeline" if api_preference == cv2.CAP_GSTREAMER else _kind(self.uri)
         self._cap: cv2.VideoCapture | None = None
         self._period_s = 1.0 / self.fps
@@ -63,12 +64,16 @@ class OpenCVSource(ThreadedSource):
             return cap
         if self.kind == "network":
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS,
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS, *self._decoder_params()]
             api = cv2.CAP_FFMPEG if self.api_preference == cv2.CAP_ANY else self.api_preference
             return cv2.VideoCapture(self.uri, api, params)
         if self.kind == "pipeline":
             return cv2.VideoCapture(self.uri, cv2.CAP_GSTREAMER)
-        return cv2.VideoCapture(self._path(), self.api_preference)
+        return cv2.VideoCapture(self._path(), self.api_preference, self._decoder_params())
+
+    def _decoder_params(self) -> list[int]:
+        """Software decoder threads (CAP_PROP_N_THREADS; 0 leaves FFmpeg's one per core)."""
+        return [cv2.CAP_PROP_N_THREADS, self.decode_threads] if self.decode_threads > 0 else []
 
     def _start(self) -> None:
         if self.kind == "file":

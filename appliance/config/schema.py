@@ -35,6 +35,10 @@ class CaptureConfig(StrictModel):
     reconnect_initial_s: float = Field(0.2, gt=0, le=60)
     reconnect_max_s: float = Field(5.0, gt=0, le=600)
     stall_timeout_s: float = Field(2.0, gt=0, le=60, description="no new frame for this long = reconnect")
+    decode_threads: int = Field(1, ge=0, le=64, description="opencv files and RTSP streams: software decoder "
+                                "(FFmpeg) threads; 1 leaves the other cores to inference (on 2 cores the "
+                                "decoder's frame threads slowed detection by a third for no faster decode); "
+                                "0 = FFmpeg's default, one per core")
 
     @model_validator(mode="after")
     def _needs_source(self) -> CaptureConfig:

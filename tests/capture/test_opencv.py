@@ -6,6 +6,7 @@ import itertools
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 
 from appliance.capture import OpenCVSource, ResilientSource, make_source
@@ -23,6 +24,25 @@ def test_file_source_loops_and_scales(tmp_path: Path, fourcc: str, suffix: str) 
         assert not src.failed
     assert all(f.image.shape == (48, 64, 3) for f in frames)
     assert frames[-1].index >= 20
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_decoder_threads_follow_the_config(tmp_path: Path, threads: int) -> None:
+    """capture.decode_threads reaches FFmpeg (1 by default: the other core is inference's); 0 = FFmpeg's own."""
+    clip = write_video(tmp_path / "clip.mp4", frames=12, fps=30.0, fourcc="mp4v")
+    assert CaptureConfig(kind="opencv", uri=str(clip)).decode_threads == 1
+    src = make_source(CaptureConfig(kind="opencv", uri=str(clip), width=64, height=48, decode_threads=threads))
+    assert isinstance(src, ResilientSource)
+    inner = src._factory()  # the OpenCV source the appliance would open
+    assert isinstance(inner, OpenCVSource) and inner.decode_threads == threads
+    cap = inner._make_capture()
+    try:
+        assert cap.isOpened() and cap.read()[0]
+        assert cap.getBackendName() == "FFMPEG"
+        got = cap.get(cv2.CAP_PROP_N_THREADS)
+        assert got == 1 if threads == 1 else got >= 1
+    finally:
+        cap.release()
 
 
 def test_file_is_paced_at_its_own_fps(tmp_path: Path) -> None:
