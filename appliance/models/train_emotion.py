@@ -600,9 +600,9 @@ def export(model, shift: np.ndarray, x_va: np.ndarray, summary: dict, args: argp
     out_dir = Path(args.out)
     models_dir = Path(args.models_dir) if args.models_dir else out_dir.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    NAME = summary["name"]  # noqa: N806 -- the model's name, as the module constant was before
-    onnx_path, ckpt_path = out_dir / f"{NAME}.onnx", out_dir / f"{NAME}.pt"
-    log_path = out_dir / f"{NAME}.train.json"
+    name = summary["name"]
+    onnx_path, ckpt_path = out_dir / f"{name}.onnx", out_dir / f"{name}.pt"
+    log_path = out_dir / f"{name}.train.json"
 
     model.eval()
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, ckpt_path)
@@ -613,7 +613,7 @@ def export(model, shift: np.ndarray, x_va: np.ndarray, summary: dict, args: argp
                       dynamic_axes={"input": {0: "N"}, "probs": {0: "N"}}, opset_version=OPSET,
                       do_constant_folding=True, dynamo=False)
     m = onnx.load(str(onnx_path))
-    m.graph.name = NAME
+    m.graph.name = name
     m.producer_name, m.producer_version = "appliance.models.train_emotion", summary["recipe_version"]
     meta = {"source_sha256": ckpt_sha, "license": LICENSE, "recipe": RECIPE_PATH,
             "dataset": "FER2013 training split", "dataset_labels_sha256": summary["data"]["labels_sha256"],
@@ -676,9 +676,9 @@ def write_manifest_entry(models_dir: Path, onnx_path: Path, ckpt_path: Path, ckp
                 for a in args]
 
     val = summary["val"]["chosen"]
-    NAME, recipe_version = summary["name"], summary["recipe_version"]  # noqa: N806
+    name, recipe_version = summary["name"], summary["recipe_version"]
     entry = {
-        "name": NAME,
+        "name": name,
         "version": f"own-{recipe_version}+onnx{OPSET}",
         "task": "emotion",
         "source": {
@@ -707,11 +707,11 @@ def write_manifest_entry(models_dir: Path, onnx_path: Path, ckpt_path: Path, ckp
     path = models_dir / MANIFEST_NAME
     manifest = json.loads(path.read_text()) if path.is_file() else {"schema_version": 1, "models": {}}
     manifest.setdefault("built_at", entry["source"]["trained_at"])
-    manifest["models"][NAME] = entry
+    manifest["models"][name] = entry
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     load_manifest(models_dir)  # validates the schema
     assert file_sha256(onnx_path) == entry["output"]["sha256"]
-    log(f"wrote {onnx_path}, {ckpt_path} and the {NAME!r} entry of {path}")
+    log(f"wrote {onnx_path}, {ckpt_path} and the {name!r} entry of {path}")
 
 
 # ------------------------------------------------------------------------------------------- main

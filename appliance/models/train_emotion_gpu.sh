@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 DATA=${1:-.gpu/train/fer2013-train.npz}
 : "${OUT:?set OUT to the folder the results go to}"
 BUDGET=${BUDGET:-0}  # seconds; 0 = train exactly EPOCHS epochs
-EPOCHS=${EPOCHS:-100}
+EPOCHS=${EPOCHS:-80}  # what emotion_vgg48_ms was trained with (models/emotion/MODEL_CARD_OWN.md)
 WORK=${WORK:-/tmp/emotion-r3}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
