@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
+from appliance.ops.stop_signal import StopSignal
 
 log = logging.getLogger("appliance.supervisor")
 
@@ -137,9 +138,7 @@ class Supervisor:
 
 def run_supervisor(cfg: ApplianceConfig) -> int:
     """`appliance run`: serve until SIGTERM/SIGINT."""
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done = StopSignal()
     sup = Supervisor(cfg)
     sup.start()
     page = None

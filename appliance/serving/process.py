@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 from appliance.config import ApplianceConfig
+from appliance.ops.stop_signal import StopSignal
 from appliance.serving.core import ApplianceCore
 from appliance.serving.metrics import RankerMetrics
 from appliance.serving.retention import RetentionSweeper
@@ -72,9 +71,7 @@ class RankerProcess:
 
 def run_ranker(cfg: ApplianceConfig) -> int:
     """Process entry point: serve until SIGTERM/SIGINT, then shut down cleanly."""
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done = StopSignal()
     tune_for_latency(cfg.serving.blas_threads)
     proc = RankerProcess(cfg)
     freeze_heap()

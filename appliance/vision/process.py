@@ -8,7 +8,6 @@ Latest frame wins everywhere: the source keeps one frame, the bus keeps one mess
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from appliance.capture import FrameSource, make_source
 from appliance.config import ApplianceConfig
 from appliance.errors import ModelError
 from appliance.models.manifest import model_path, verify_models
+from appliance.ops.stop_signal import StopSignal
 from appliance.v1 import vision_pb2
 from appliance.vision.affect_map import engagement, valence_arousal
 from appliance.vision.detector import BlazeFaceDetector
@@ -350,7 +350,7 @@ class VisionProcess:
         self.ctrl.close()
         self.metrics.close()
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event | StopSignal) -> None:
         log.info("vision ready (models %s)", self.pipeline.model_version)
         try:
             while not stop.is_set():
@@ -360,8 +360,6 @@ class VisionProcess:
 
 
 def run_vision(cfg: ApplianceConfig) -> int:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopSignal()
     VisionProcess(cfg).run(stop)
     return 0
