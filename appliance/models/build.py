@@ -164,6 +164,53 @@ def convert_detector(tflite: Path, out: Path) -> None:
     tf2onnx.convert.from_tflite(str(tflite), opset=OPSET, output_path=str(out))
 
 
+def channel_pads_as_convs(onnx_path: Path) -> int:
+    """Replace BlazeFace's channel-padding `Pad` ops by identity 1x1 convolutions; returns how many.
+
+    BlazeFace widens its residual branch by zero-padding channels. ONNX Runtime's CPU provider runs
+    convolutions in a blocked channel layout (NCHWc) and cannot keep a channel `Pad` in it, so each of
+    the 11 pads forced layout reorders around it and stopped the residual Add + Relu from fusing into
+    the convolution (a profile showed reorders, Pad, Add and Relu as ~30% of the kernel time). A 1x1
+    convolution with identity weights for the first C channels and zeros for the rest gives the same
+    numbers (x * 1 + 0) and stays in the blocked layout. Parity with the TFLite original is checked
+    after this rewrite like after the conversion itself.
+    """
+    import onnx
+    from onnx import helper, numpy_helper, shape_inference
+
+    model = onnx.load(str(onnx_path))
+    inferred = shape_inference.infer_shapes(model)
+    channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value
+                for v in [*inferred.graph.value_info, *inferred.graph.input]
+                if len(v.type.tensor_type.shape.dim) == 4}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes, replaced = [], 0
+    for node in model.graph.node:
+        pads = consts.get(node.input[1]) if node.op_type == "Pad" and len(node.input) > 1 else None
+        constant = all(a.name != "mode" or a.s in (b"", b"constant") for a in node.attribute)
+        no_value = len(node.input) < 3 or not node.input[2] or bool(np.all(consts.get(node.input[2], 1.0) == 0))
+        cin = channels.get(node.input[0], 0)
+        if (pads is not None and pads.shape == (8,) and constant and no_value and cin > 0
+                and pads[5] > 0 and not np.any(np.delete(pads, 5))):
+            weight = np.zeros((cin + int(pads[5]), cin, 1, 1), np.float32)
+            weight[np.arange(cin), np.arange(cin)] = 1.0
+            name = f"{node.output[0]}_identity_pad"
+            model.graph.initializer.append(numpy_helper.from_array(weight, name))
+            nodes.append(helper.make_node("Conv", [node.input[0], name], list(node.output), kernel_shape=[1, 1]))
+            replaced += 1
+        else:
+            nodes.append(node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    used = {t for n in nodes for t in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx_path.write_bytes(model.SerializeToString(deterministic=True))
+    return replaced
+
+
 def canonicalise(onnx_path: Path, spec: SourceSpec) -> None:
     """Rewrite a converted model so the same sources always give the same bytes.
 
@@ -206,6 +253,38 @@ def canonicalise(onnx_path: Path, spec: SourceSpec) -> None:
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     onnx_path.write_bytes(model.SerializeToString(deterministic=True))
+
+
+def dynamic_height(onnx_path: Path, name: str = "height") -> None:
+    """Make the detector's input height (and so the anchor count of its outputs) a named dynamic dimension.
+
+    BlazeFace is fully convolutional and its reshapes already use -1, so the same weights run on any
+    height that is a multiple of 16; the box then skips the black bars of a wide frame's letterbox
+    (appliance/vision/detector.input_rows). Runs after `canonicalise`, which names every dynamic
+    dimension "N".
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = name
+    for out in model.graph.output:
+        d = out.type.tensor_type.shape.dim[1]
+        d.ClearField("dim_value")
+        d.dim_param = "anchors"
+    onnx.checker.check_model(model)
+    onnx_path.write_bytes(model.SerializeToString(deterministic=True))
+
+
+def finish(onnx_path: Path, spec: SourceSpec) -> None:
+    """Everything between the converter's output and the committed file (deterministic)."""
+    if spec.task == "face_detection":
+        channel_pads_as_convs(onnx_path)
+        canonicalise(onnx_path, spec)
+        dynamic_height(onnx_path)
+    else:
+        canonicalise(onnx_path, spec)
 
 
 # --------------------------------------------------------------------------------------------- parity
@@ -349,8 +428,9 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 
 
 def _tensor_specs(args) -> list[dict[str, object]]:
-    """ORT NodeArgs -> manifest specs; dynamic dimensions (named differently per build) become "N"."""
-    return [{"name": a.name, "shape": [d if isinstance(d, int) else "N" for d in a.shape],
+    """ORT NodeArgs -> manifest specs; dynamic dimensions keep the names `canonicalise`/`dynamic_height`
+    give them ("N" for a batch, "height" for the detector rows)."""
+    return [{"name": a.name, "shape": [d if isinstance(d, int) else (d or "N") for d in a.shape],
              "dtype": _ORT_DTYPES.get(a.type, a.type)} for a in args]
 
 
@@ -419,12 +499,12 @@ def build(out_dir: Path, cache: Path) -> Path:
 
     det_out, emo_out = out_dir / DETECTOR.output, out_dir / EMOTION.output
     convert_detector(fetched[DETECTOR.name].path, det_out)
-    canonicalise(det_out, DETECTOR)
+    finish(det_out, DETECTOR)
     det_parity = detector_parity(fetched[DETECTOR.name].path, det_out, detector_inputs())
     check(det_parity, DETECTOR.name)
 
     convert_emotion(fetched[EMOTION.name].path, emo_out)
-    canonicalise(emo_out, EMOTION)
+    finish(emo_out, EMOTION)
     emo_parity = emotion_parity(fetched[EMOTION.name].path, emo_out, emotion_inputs(det_out))
     check(emo_parity, EMOTION.name)
 

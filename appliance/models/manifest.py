@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 class TensorSpec(_Strict):
     name: str
-    shape: list[int | str]  # "N" marks a dynamic (batch) dimension
+    shape: list[int | str]  # a name marks a dynamic dimension: "N" a batch, "height" the detector rows
     dtype: str
 
 

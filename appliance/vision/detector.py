@@ -19,6 +19,8 @@ from appliance.errors import ModelError
 
 INPUT_SIZE = 128
 NUM_KEYPOINTS = 6
+# Black rows kept above and below the picture when the input is shorter than 128 (see `input_rows`).
+ROW_MARGIN = 12
 # MediaPipe's keypoint order (the subject's right eye appears on the image's left).
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion", "left_ear_tragion")
 
@@ -54,12 +56,44 @@ def ssd_anchors(input_size: int = INPUT_SIZE, strides: tuple[int, ...] = (8, 16,
     return np.concatenate(centres).astype(np.float32)
 
 
+def anchor_centres_px(height: int = INPUT_SIZE, width: int = INPUT_SIZE) -> np.ndarray:
+    """Anchor centres (K, 2) in input pixels for an input of `height` x `width` (both multiples of 16).
+
+    The same layout as `ssd_anchors` (stride-8 cells with 2 anchors each, then stride-16 cells with 6),
+    on the grid the fully convolutional network produces for that input; for 128 x 128 it equals
+    `ssd_anchors() * 128`.
+    """
+    if height % 16 or width % 16 or not 16 <= height <= INPUT_SIZE or not 16 <= width <= INPUT_SIZE:
+        raise ValueError(f"detector input {height}x{width}: both sides must be multiples of 16 in [16, 128]")
+    parts = []
+    for stride, per_cell in ((8, 2), (16, 6)):
+        ys, xs = np.meshgrid((np.arange(height // stride) + 0.5) * stride,
+                             (np.arange(width // stride) + 0.5) * stride, indexing="ij")
+        parts.append(np.repeat(np.stack([xs.ravel(), ys.ravel()], axis=1), per_cell, axis=0))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def input_rows(frame_h: int, frame_w: int) -> int:
+    """Rows of the detector input for a frame: the letterboxed picture plus >= ROW_MARGIN black rows
+    above and below, rounded up to a multiple of 16 (the network's coarsest stride), at most 128.
+
+    The 128 x 128 letterbox of a 16:9 frame is 56 rows of black bars; the network is fully
+    convolutional, so those rows can be left out: 96 rows instead of 128 (a quarter less work).
+    Every anchor of the shorter input sits exactly where one of the square input's anchors does
+    (the crop is a multiple of 16 rows); only what lies beyond the kept bars differs (the network's
+    zero padding instead of more black), measured on real video in `bench/results/detector-rows.json`.
+    """
+    scale = INPUT_SIZE / max(frame_h, frame_w)
+    nh = max(1, round(frame_h * scale))
+    return min(INPUT_SIZE, -(-(nh + 2 * ROW_MARGIN) // 16) * 16)
+
+
 def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     x1 = np.maximum(box[0], boxes[:, 0])
     y1 = np.maximum(box[1], boxes[:, 1])
     x2 = np.minimum(box[2], boxes[:, 2])
     y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    inter = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)  # np.clip's wrapper costs more than the math
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     union = area + areas - inter
@@ -91,47 +125,82 @@ def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray, i
     return out
 
 
-def to_input_tensor(frame_bgr: np.ndarray, canvas: np.ndarray | None = None,
-                    tensor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Letterbox a BGR frame to the model input: (1, 128, 128, 3) RGB float32 in [-1, 1].
+class Letterbox:
+    """Letterbox BGR frames into the model input: (1, 128, 128, 3) RGB float32 in [-1, 1].
 
     Keeps the aspect ratio and centres the picture on black, as MediaPipe's ImageToTensorCalculator
-    (keep_aspect_ratio, BORDER_ZERO, range [-1, 1]) does. Returns the tensor and the mapping
-    xy_tensor = xy_frame * scale + offset (both (2,) arrays; x and y scales differ by the rounding of the
-    resized size). Pass `canvas`/`tensor` buffers to avoid allocations per frame.
+    (keep_aspect_ratio, BORDER_ZERO, range [-1, 1]) does. Shrinking uses an area filter where MediaPipe's
+    CPU converter samples bilinearly: a camera frame is 3-15x the input, and plain bilinear aliases
+    (uniform noise then passes for a face at score 0.56; area-filtered it does not). From 4x down, a
+    bilinear step to twice the size and then a 2x area step gives nearly the same pixels as one area
+    step (mean abs difference 0.3 grey levels on 640x360 -> 128x72) in less than half the time
+    (0.23 vs 0.54 ms on this 2-core AMD EPYC; direct bilinear would be 0.08 ms).
+
+    The buffers are reused and the black bars are written only when the frame geometry changes, so a
+    steady camera costs one resize, one channel swap and one scale per frame. The returned tensor is
+    overwritten by the next call.
     """
-    h, w = frame_bgr.shape[:2]
-    scale = INPUT_SIZE / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    ox, oy = (INPUT_SIZE - nw) // 2, (INPUT_SIZE - nh) // 2
-    if canvas is None:
-        canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
-    else:
-        canvas[:] = 0
-    if tensor is None:
-        tensor = np.empty((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.float32)
-    # Area interpolation when shrinking: a camera frame is 3-15x the input, and plain bilinear aliases.
-    # From 4x down, a bilinear step to twice the size first and then a 2x area step gives nearly the same
-    # pixels (mean abs difference 0.3 grey levels on 640x360 -> 128x72) in about half the time
-    # (0.17 vs 0.31 ms on a 2-core x86; measured with bench/vision.py's frames).
-    if w >= 4 * nw and h >= 4 * nh:
-        half = cv2.resize(frame_bgr, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR)
-        resized = cv2.resize(half, (nw, nh), interpolation=cv2.INTER_AREA)
-    else:
-        resized = cv2.resize(frame_bgr, (nw, nh), interpolation=cv2.INTER_AREA)
-    canvas[oy:oy + nh, ox:ox + nw] = resized[..., ::-1]  # BGR -> RGB
-    np.multiply(canvas, np.float32(2.0 / 255.0), out=tensor[0], casting="unsafe")
-    tensor -= np.float32(1.0)
-    return tensor, np.array([nw / w, nh / h], np.float32), np.array([ox, oy], np.float32)
+
+    def __init__(self, adaptive_rows: bool = False) -> None:
+        self.adaptive_rows = adaptive_rows  # True: `input_rows` rows (the model takes any height)
+        self.tensor = np.full((1, INPUT_SIZE, INPUT_SIZE, 3), -1.0, dtype=np.float32)
+        self._geometry: tuple[int, int] | None = None
+        self._half = np.empty(0, np.uint8)
+        self._resized = np.empty(0, np.uint8)
+        self._rgb = np.empty(0, np.uint8)
+        self._scale = np.ones(2, np.float32)
+        self._offset = np.zeros(2, np.float32)
+        self._box = (0, 0, INPUT_SIZE, INPUT_SIZE)
+
+    def _layout(self, h: int, w: int) -> None:
+        scale = INPUT_SIZE / max(h, w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        rows = input_rows(h, w) if self.adaptive_rows else INPUT_SIZE
+        ox, oy = (INPUT_SIZE - nw) // 2, (rows - nh) // 2
+        self.tensor = np.full((1, rows, INPUT_SIZE, 3), -1.0, dtype=np.float32)  # black after scaling: bars
+        self._half = np.empty((2 * nh, 2 * nw, 3), np.uint8)
+        self._resized = np.empty((nh, nw, 3), np.uint8)
+        self._rgb = np.empty((nh, nw, 3), np.uint8)
+        self._scale = np.array([nw / w, nh / h], np.float32)
+        self._offset = np.array([ox, oy], np.float32)
+        self._box = (ox, oy, nw, nh)
+        self._geometry = (h, w)
+
+    def __call__(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The input tensor and the mapping xy_tensor = xy_frame * scale + offset (both (2,) arrays;
+        x and y scales differ by the rounding of the resized size)."""
+        h, w = frame_bgr.shape[:2]
+        if self._geometry != (h, w):
+            self._layout(h, w)
+        ox, oy, nw, nh = self._box
+        if w >= 4 * nw and h >= 4 * nh:
+            cv2.resize(frame_bgr, (2 * nw, 2 * nh), dst=self._half, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(self._half, (nw, nh), dst=self._resized, interpolation=cv2.INTER_AREA)
+        else:
+            cv2.resize(frame_bgr, (nw, nh), dst=self._resized, interpolation=cv2.INTER_AREA)
+        cv2.cvtColor(self._resized, cv2.COLOR_BGR2RGB, dst=self._rgb)
+        region = self.tensor[0, oy:oy + nh, ox:ox + nw]
+        np.multiply(self._rgb, np.float32(2.0 / 255.0), out=region, casting="unsafe")
+        region -= np.float32(1.0)
+        return self.tensor, self._scale, self._offset
+
+
+def to_input_tensor(frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One frame's square 128 x 128 model input with fresh buffers (calibration sets, parity inputs, tests)."""
+    return Letterbox()(frame_bgr)
 
 
 class BlazeFaceDetector:
     """Finds faces in a BGR frame with BlazeFace short range (best for faces within ~2 m)."""
 
     def __init__(self, session: ort.InferenceSession, min_score: float = 0.5, max_faces: int = 8,
-                 iou: float = 0.3) -> None:
+                 iou: float = 0.3, fit_rows: bool = True) -> None:
+        """`fit_rows`: run on `input_rows` rows when the model's input height is dynamic (else 128)."""
         inputs = session.get_inputs()
-        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [INPUT_SIZE, INPUT_SIZE, 3]:
+        shape = list(inputs[0].shape)[1:] if len(inputs) == 1 else None
+        # Input rows: 128, or a named dynamic dimension (the build exports the height as dynamic, so
+        # a 16:9 frame runs on 96 rows; a runtime with fixed shapes keeps the square input).
+        if not shape or shape[1:] != [INPUT_SIZE, 3] or (isinstance(shape[0], int) and shape[0] != INPUT_SIZE):
             raise ModelError(f"not a BlazeFace short-range model: input {inputs[0].shape if inputs else None}")
         outputs = {o.name: o for o in session.get_outputs()}
         self._box_out, self._score_out = self._pick_outputs(outputs)
@@ -140,11 +209,20 @@ class BlazeFaceDetector:
         self.min_score = float(min_score)
         self.max_faces = int(max_faces)
         self.iou = float(iou)
-        self._anchors = ssd_anchors()
+        self._anchors_px: dict[int, np.ndarray] = {}  # by input rows
         # logit threshold: sigmoid(x) >= s  <=>  x >= log(s / (1 - s)); avoids a sigmoid over all 896.
         self._min_logit = float(np.log(self.min_score / (1.0 - self.min_score)))
-        self._canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
-        self._tensor = np.empty((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.float32)
+        self._letterbox = Letterbox(adaptive_rows=fit_rows and not isinstance(shape[0], int))
+
+    @property
+    def adaptive_rows(self) -> bool:
+        return self._letterbox.adaptive_rows
+
+    def _anchors_for(self, rows: int) -> np.ndarray:
+        a = self._anchors_px.get(rows)
+        if a is None:
+            a = self._anchors_px[rows] = anchor_centres_px(rows, INPUT_SIZE)
+        return a
 
     @staticmethod
     def _pick_outputs(outputs: dict[str, ort.NodeArg]) -> tuple[str, str]:
@@ -159,26 +237,28 @@ class BlazeFaceDetector:
         if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 BGR frame, got {frame_bgr.shape} {frame_bgr.dtype}")
         h, w = frame_bgr.shape[:2]
-        tensor, scale, offset = to_input_tensor(frame_bgr, self._canvas, self._tensor)
+        tensor, scale, offset = self._letterbox(frame_bgr)
         raw_boxes, raw_scores = self._session.run([self._box_out, self._score_out], {self._input_name: tensor})
-        logits = np.clip(raw_scores.reshape(-1), -100.0, 100.0)
+        logits = raw_scores.reshape(-1)
         keep = np.flatnonzero(logits >= self._min_logit)
         if keep.size == 0:
             return []
         raw = raw_boxes.reshape(-1, 4 + 2 * NUM_KEYPOINTS)[keep]
-        anchors = self._anchors[keep]
-        scores = 1.0 / (1.0 + np.exp(-logits[keep]))
+        anchors = self._anchors_for(tensor.shape[1])[keep]
+        # MediaPipe clips logits to +-100 before the sigmoid; kept ones are >= the threshold's logit, so
+        # only the upper clip can apply, and only to these few.
+        scores = 1.0 / (1.0 + np.exp(-np.minimum(logits[keep], 100.0)))
         # Decode in tensor pixels: offsets are in pixels of the 128 input, relative to the anchor centre.
-        centre = raw[:, 0:2] + anchors * INPUT_SIZE
+        centre = raw[:, 0:2] + anchors
         half = raw[:, 2:4] / 2.0
         boxes = np.concatenate([centre - half, centre + half], axis=1)
-        kps = raw[:, 4:].reshape(-1, NUM_KEYPOINTS, 2) + anchors[:, None, :] * INPUT_SIZE
+        kps = raw[:, 4:].reshape(-1, NUM_KEYPOINTS, 2) + anchors[:, None, :]
         merged = weighted_nms(boxes, kps, scores, self.iou, self.max_faces)
         limit = np.array([w, h, w, h], dtype=np.float32)
         out = []
         for box, kp, score in merged:
             b = ((box.reshape(2, 2) - offset) / scale).reshape(4)
-            b = np.clip(b, 0.0, limit)
+            b = np.minimum(np.maximum(b, 0.0), limit)
             if b[2] - b[0] < 1.0 or b[3] - b[1] < 1.0:
                 continue
             out.append(Detection(box=tuple(float(v) for v in b), score=score,

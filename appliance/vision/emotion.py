@@ -87,7 +87,7 @@ def crop_faces(frame_bgr: np.ndarray, detections: Sequence[Detection], size: int
         return normalise(crops)
     h, w = frame_bgr.shape[:2]
     fill = cv2.mean(cv2.cvtColor(frame_bgr[max(0, h - 2):h], cv2.COLOR_BGR2GRAY))[0]
-    fill_u8 = int(np.clip(np.rint(fill), 0, 255))  # what copyMakeBorder stores in a uint8 image
+    fill_u8 = min(255, max(0, round(fill)))  # what copyMakeBorder stores in a uint8 image
     p = FER_PADDING
     for i, det in enumerate(detections):
         x1, y1, x2, y2 = _fer_box(det)

@@ -101,7 +101,8 @@ class VisionPipeline:
                                     max_batch=1)
         emo = create_vision_session(model_path(models_dir, self.emotion_model), self.emotion_model, v, cache,
                                     calib_dir, max_batch=v.max_faces)
-        self.detector = BlazeFaceDetector(det, min_score=v.min_face_score, max_faces=v.max_faces)
+        self.detector = BlazeFaceDetector(det, min_score=v.min_face_score, max_faces=v.max_faces,
+                                          fit_rows=v.detector_rows == "fit")
         self.classifier = EmotionClassifier(emo)
         self.detect_interval = v.detect_interval
         self.smoothing = v.smoothing

@@ -153,8 +153,14 @@ def create_session(
                      "`appliance models verify` and rebuild with `make models` or reinstall.") from None
 
 
+# Named dynamic dimensions of our models beyond the batch: (smallest, typical, largest). The detector's
+# input height is dynamic ("height", a multiple of 16; see appliance/vision/detector.input_rows) so a
+# 16:9 camera runs on 96 rows, not 128. Warm-up uses the typical size; TensorRT profiles span the range.
+NAMED_DIMS: dict[str, tuple[int, int, int]] = {"height": (16, 96, 128)}
+
+
 def _concrete_shape(shape: Sequence[object]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
+    return tuple(d if isinstance(d, int) and d > 0 else NAMED_DIMS.get(str(d), (1, 1, 1))[1] for d in shape)
 
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,

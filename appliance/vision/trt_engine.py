@@ -77,18 +77,27 @@ class EngineKey:
 
 
 def profile_shapes(shape: Sequence[object], max_batch: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """An input's (min, opt, max) shapes: a dynamic first (batch) dimension spans 1..max_batch."""
+    """An input's (min, opt, max) shapes: a dynamic first (batch) dimension spans 1..max_batch; a named
+    dynamic dimension listed in runtime.NAMED_DIMS (the detector's "height") spans its stated range."""
+    from appliance.vision.runtime import NAMED_DIMS  # noqa: PLC0415 - runtime imports onnxruntime
+
     dims = list(shape)
-    rest = []
+    lo: list[int] = []
+    opt: list[int] = []
+    hi: list[int] = []
     for d in dims[1:]:
-        if not isinstance(d, int) or d <= 0:
-            raise ModelError(f"only the batch dimension may be dynamic, got input shape {dims}")
-        rest.append(d)
+        if isinstance(d, int) and d > 0:
+            lo.append(d), opt.append(d), hi.append(d)
+        elif str(d) in NAMED_DIMS:
+            a, b, c = NAMED_DIMS[str(d)]
+            lo.append(a), opt.append(b), hi.append(c)
+        else:
+            raise ModelError(f"only the batch dimension and {sorted(NAMED_DIMS)} may be dynamic, "
+                             f"got input shape {dims}")
     if isinstance(dims[0], int) and dims[0] > 0:
-        fixed = (dims[0], *rest)
-        return fixed, fixed, fixed
+        return (dims[0], *lo), (dims[0], *opt), (dims[0], *hi)
     mx = max(1, int(max_batch))
-    return (1, *rest), (min(4, mx), *rest), (mx, *rest)
+    return (1, *lo), (min(4, mx), *opt), (mx, *hi)
 
 
 def onnx_inputs(onnx_path: Path) -> list[tuple[str, list[object]]]:

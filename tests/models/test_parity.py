@@ -62,6 +62,6 @@ def test_conversion_is_reproducible(build, sources, tmp_path: Path):
     for spec, convert in ((build.DETECTOR, build.convert_detector), (build.EMOTION, build.convert_emotion)):
         out = tmp_path / spec.output
         convert(sources[spec.name].path, out)
-        build.canonicalise(out, spec)
+        build.finish(out, spec)
         assert file_sha256(out) == manifest.entry(spec.name).output.sha256, (
             f"{spec.name}: a fresh conversion differs from the committed file; run `make models`")

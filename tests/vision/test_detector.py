@@ -2,10 +2,21 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 
-from appliance.vision.detector import BlazeFaceDetector, Detection, ssd_anchors, to_input_tensor, weighted_nms
+from appliance.vision.detector import (
+    ROW_MARGIN,
+    BlazeFaceDetector,
+    Detection,
+    Letterbox,
+    anchor_centres_px,
+    input_rows,
+    ssd_anchors,
+    to_input_tensor,
+    weighted_nms,
+)
 from tests.vision.conftest import read_image
 
 
@@ -117,3 +128,75 @@ def test_detection_is_frozen():
         d.score = 0.1  # type: ignore[misc]
     assert d == Detection(box=d.box, score=0.9, keypoints=np.ones((6, 2), np.float32))  # arrays not compared
     assert len({d}) == 1
+
+
+def _reference_input(frame: np.ndarray) -> np.ndarray:
+    """The letterbox written the plain way: a zeroed canvas, the shrunk picture flipped to RGB, scaled."""
+    h, w = frame.shape[:2]
+    scale = 128 / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    ox, oy = (128 - nw) // 2, (128 - nh) // 2
+    if w >= 4 * nw and h >= 4 * nh:
+        small = cv2.resize(cv2.resize(frame, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR), (nw, nh),
+                           interpolation=cv2.INTER_AREA)
+    else:
+        small = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((128, 128, 3), np.uint8)
+    canvas[oy:oy + nh, ox:ox + nw] = small[..., ::-1]
+    return (canvas.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0))[None]
+
+
+def test_reused_letterbox_equals_the_plain_one_across_geometry_changes():
+    rng = np.random.default_rng(3)
+    box = Letterbox()
+    # landscape, portrait, small (no two-step shrink), landscape again: bars must follow each geometry
+    for shape in [(360, 640, 3), (640, 360, 3), (100, 150, 3), (360, 640, 3), (720, 1280, 3)]:
+        frame = rng.integers(0, 256, shape, dtype=np.uint8)
+        got, scale, offset = box(frame)
+        ref = _reference_input(frame)
+        assert np.array_equal(got, ref), shape
+        want_t, want_s, want_o = to_input_tensor(frame)
+        assert np.array_equal(scale, want_s) and np.array_equal(offset, want_o)
+
+
+def test_anchor_centres_in_pixels_match_the_square_layout_and_shrink_with_the_rows():
+    assert np.allclose(anchor_centres_px(128), ssd_anchors() * 128)
+    a96 = anchor_centres_px(96)
+    assert len(a96) == 12 * 16 * 2 + 6 * 8 * 6
+    # every anchor of the 96-row input is an anchor of the square input shifted by the 16 cropped rows
+    square = {tuple(p) for p in (ssd_anchors() * 128).round(3).tolist()}
+    assert all((x, y + 16) in square for x, y in a96.round(3).tolist())
+    with pytest.raises(ValueError):
+        anchor_centres_px(100)
+
+
+def test_input_rows_keep_the_picture_and_a_margin_of_black():
+    assert input_rows(360, 640) == 96 and input_rows(720, 1280) == 96   # 16:9: 72 picture rows
+    assert input_rows(480, 640) == 128                                  # 4:3: 96 picture rows + margin
+    assert input_rows(640, 360) == 128 and input_rows(100, 100) == 128   # portrait, square
+    for h, w in [(360, 640), (300, 1000), (1, 640), (480, 640)]:
+        rows = input_rows(h, w)
+        picture = max(1, round(h * 128 / max(h, w)))
+        assert rows % 16 == 0 and picture + 2 * ROW_MARGIN <= rows <= 128 or rows == 128
+
+
+def test_fitted_letterbox_is_the_square_one_without_the_outer_bars():
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (360, 640, 3), dtype=np.uint8)
+    square, s_scale, s_off = Letterbox()(frame)
+    fit, f_scale, f_off = Letterbox(adaptive_rows=True)(frame)
+    assert fit.shape == (1, 96, 128, 3)
+    assert np.array_equal(fit[0], square[0, 16:112])
+    assert np.array_equal(f_scale, s_scale) and f_off.tolist() == [s_off[0], s_off[1] - 16]
+
+
+def test_the_detector_on_fitted_rows_finds_the_same_faces(detector: BlazeFaceDetector):
+    assert detector.adaptive_rows  # the committed model's input height is dynamic
+    square = BlazeFaceDetector(detector._session, fit_rows=False)
+    img = read_image("media", "two_people.jpg")
+    h, w = img.shape[:2]
+    wide = cv2.resize(img[: int(w * 9 / 16)] if h > w * 9 / 16 else img, (640, 360))
+    a, b = square.detect(wide), detector.detect(wide)
+    assert len(a) == len(b) == 2
+    for x, y in zip(sorted(a, key=lambda d: d.box[0]), sorted(b, key=lambda d: d.box[0])):
+        assert np.allclose(x.box, y.box, atol=3.0) and abs(x.score - y.score) < 0.02
