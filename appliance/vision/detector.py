@@ -173,14 +173,15 @@ class Letterbox:
         if self._geometry != (h, w):
             self._layout(h, w)
         ox, oy, nw, nh = self._box
+        # OpenCV writes into the matching `dst` buffers; the returned arrays are those same buffers.
         if w >= 4 * nw and h >= 4 * nh:
-            cv2.resize(frame_bgr, (2 * nw, 2 * nh), dst=self._half, interpolation=cv2.INTER_LINEAR)
-            cv2.resize(self._half, (nw, nh), dst=self._resized, interpolation=cv2.INTER_AREA)
+            half = cv2.resize(frame_bgr, (2 * nw, 2 * nh), dst=self._half, interpolation=cv2.INTER_LINEAR)
+            small = cv2.resize(half, (nw, nh), dst=self._resized, interpolation=cv2.INTER_AREA)
         else:
-            cv2.resize(frame_bgr, (nw, nh), dst=self._resized, interpolation=cv2.INTER_AREA)
-        cv2.cvtColor(self._resized, cv2.COLOR_BGR2RGB, dst=self._rgb)
+            small = cv2.resize(frame_bgr, (nw, nh), dst=self._resized, interpolation=cv2.INTER_AREA)
+        rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB, dst=self._rgb)
         region = self.tensor[0, oy:oy + nh, ox:ox + nw]
-        np.multiply(self._rgb, np.float32(2.0 / 255.0), out=region, casting="unsafe")
+        np.multiply(rgb, np.float32(2.0 / 255.0), out=region, casting="unsafe")
         region -= np.float32(1.0)
         return self.tensor, self._scale, self._offset
 
