@@ -326,7 +326,7 @@ def test_cuda_ep_matches_cpu(model: str):
     """onnxruntime-gpu's CUDA EP (FP32) against the CPU EP on the same inputs (skips without it)."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime has no CUDA EP")
-    from appliance.vision.runtime import create_session
+    from appliance.vision.runtime import NAMED_DIMS, create_session
 
     path = model_path(DEFAULT_MODELS_DIR, model)
     gpu = create_session(path, providers=["cuda", "cpu"])
@@ -334,7 +334,8 @@ def test_cuda_ep_matches_cpu(model: str):
         pytest.skip(f"CUDA EP did not load: {gpu.get_providers()}")
     cpu = create_session(path, providers=["cpu"])
     inp = cpu.get_inputs()[0]
-    shape = [4 if not isinstance(d, int) else d for d in inp.shape]
+    # a batch of 4; a named dimension (the detector's height) at its typical size
+    shape = [d if isinstance(d, int) else NAMED_DIMS.get(str(d), (4, 4, 4))[1] for d in inp.shape]
     x = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
     for r, g in zip(cpu.run(None, {inp.name: x}), gpu.run(None, {inp.name: x})):
         scale = 128.0 if model == "blazeface_short_range" else 1.0  # regressors are in 128-px units
