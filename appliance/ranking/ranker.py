@@ -475,33 +475,35 @@ class Ranker:
         if self.diversity <= 0 or pool_n <= 1:
             head = pool
         else:
-            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. The value
-            # after some picks is the min over them of (1 - lam) rel - lam sim[j] (a negative constant times a
-            # max is a min of the products; float rounding is monotone), so each pick costs one mat-vec and
-            # one element-wise min, and the last pick none. (Mat-vecs, not one pool x pool product: the
-            # product's float rounding differs from the mat-vec's, and near-ties would then pick differently.)
-            base = score[pool]  # descending: [0] is the max, [-1] the min; in place, the same float32 steps as
-            base -= base[-1]    # ((1 - lam) * ((s - min) / max(max - min, 1e-9))).astype(float32)
+            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. `base` is the
+            # relevance part, in place with the same float32 steps as
+            # ((1 - lam) * ((s - min) / max(max - min, 1e-9))).astype(float32); [0] is the max, [-1] the min.
+            base = score[pool]
+            base -= base[-1]
             base /= max(float(base[0]), 1e-9)
             base *= 1 - self.diversity
-            Mp = self._M.take(rows.take(pool), axis=0)
-            neg_lam = np.float32(-self.diversity)
-            val = base.copy()
-            b = np.empty(pool_n, dtype=np.float32)
-            picked = []
             n_pick = min(want, pool_n)
-            j = 0  # the first pick is the best score (argmax of `base`, which is sorted descending)
-            for t in range(n_pick):
-                if t:
-                    j = int(val.argmax())
-                picked.append(j)
-                if t + 1 == n_pick:
-                    break
-                Mp.dot(Mp[j], out=b)  # the same BLAS mat-vec as np.matmul, at half the call cost
-                b *= neg_lam
-                b += base
-                np.minimum(val, b, out=val)
+            # Only titles whose relevance is within lam (x 1.001: |sim| <= 1 up to rounding) of the n_pick-th best
+            # can ever be picked: a title's value is at most its relevance and at least relevance - lam, and
+            # before each of the n_pick picks one of the n_pick best is still unpicked. `base` is sorted
+            # descending, so they are a prefix of the pool: the similarities among them are one product.
+            m = int(np.count_nonzero(base >= base[n_pick - 1] - np.float32(self.diversity * 1.001)))
+            Mc = self._M.take(rows.take(pool[:m]), axis=0)
+            # After some picks a title's value is the min over them of (1 - lam) rel - lam sim[j] (a negative
+            # constant times a max is a min of the products; float rounding is monotone): row j of `cand` is
+            # that term for pick j, and each pick is one argmax and one element-wise min.
+            cand = Mc @ Mc.T
+            cand *= np.float32(-self.diversity)
+            bm = base[:m]
+            cand += bm
+            val = bm.copy()
+            picked = [0]  # the first pick is the best score (argmax of `base`, which is sorted descending)
+            j = 0
+            for _ in range(n_pick - 1):
+                np.minimum(val, cand[j], out=val)
                 val[j] = -np.inf
+                j = int(val.argmax())
+                picked.append(j)
             head = pool[picked]
         if want <= len(head):
             return head[:want]
