@@ -486,21 +486,31 @@ class Ranker:
             # Only titles whose relevance is within lam (x 1.001: |sim| <= 1 up to rounding) of the n_pick-th best
             # can ever be picked: a title's value is at most its relevance and at least relevance - lam, and
             # before each of the n_pick picks one of the n_pick best is still unpicked. `base` is sorted
-            # descending, so they are a prefix of the pool: the similarities among them are one product.
+            # descending, so they are a prefix of the pool, `Mc`.
             m = int(np.count_nonzero(base >= base[n_pick - 1] - np.float32(self.diversity * 1.001)))
             Mc = self._M.take(rows.take(pool[:m]), axis=0)
             # After some picks a title's value is the min over them of (1 - lam) rel - lam sim[j] (a negative
             # constant times a max is a min of the products; float rounding is monotone): row j of `cand` is
-            # that term for pick j, and each pick is one argmax and one element-wise min.
-            cand = Mc @ Mc.T
-            cand *= np.float32(-self.diversity)
+            # that term for pick j, and each pick is one argmax and one element-wise min. Picks come from the
+            # top of the pool, so the rows of its first 2 x n_pick titles are one product; a pick beyond them
+            # (rare) gets its row on its own.
+            neg_lam = np.float32(-self.diversity)
             bm = base[:m]
+            r = min(m, 2 * n_pick)
+            cand = Mc[:r] @ Mc.T
+            cand *= neg_lam
             cand += bm
             val = bm.copy()
             picked = [0]  # the first pick is the best score (argmax of `base`, which is sorted descending)
             j = 0
             for _ in range(n_pick - 1):
-                np.minimum(val, cand[j], out=val)
+                if j < r:
+                    np.minimum(val, cand[j], out=val)
+                else:
+                    b = Mc.dot(Mc[j])
+                    b *= neg_lam
+                    b += bm
+                    np.minimum(val, b, out=val)
                 val[j] = -np.inf
                 j = int(val.argmax())
                 picked.append(j)
