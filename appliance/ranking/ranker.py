@@ -60,7 +60,13 @@ from appliance.ranking.mood import (
     mood_intensity,
     mood_word,
 )
-from appliance.ranking.reasons import SIGNALS, Reason, fallback_reason, reason_floor, strong_reasons
+from appliance.ranking.reasons import (
+    SIGNALS,
+    Reason,
+    fallback_reason_tuple,
+    reason_floor,
+    strong_reason_tuples,
+)
 
 if TYPE_CHECKING:
     from appliance.config.schema import RankingConfig
@@ -130,16 +136,57 @@ class RankedItem:
     reasons: list[Reason]
 
 
-@dataclass
+class Explained:
+    """The returned items of a ranking as plain columns: what `RankedItem`s are made of, without making
+    them (the Rank path encodes these directly; `RankResult.items` builds the objects on first use)."""
+
+    __slots__ = ("ids", "titles", "scores", "values", "reasons")
+
+    def __init__(self, ids: list[int], titles: list[str], scores: list[float], values: list[list[float]],
+                 reasons: list[list[tuple]]) -> None:
+        self.ids, self.titles, self.scores = ids, titles, scores
+        self.values = values    # per item: the signal contributions in SIGNALS order
+        self.reasons = reasons  # per item: (text, signal, weight, because_item_id) tuples, Reason's fields
+
+    def items(self) -> list[RankedItem]:
+        return [RankedItem(i, t, s, dict(zip(SIGNALS, v)), [Reason(*r) for r in rs])
+                for i, t, s, v, rs in zip(self.ids, self.titles, self.scores, self.values, self.reasons)]
+
+
 class RankResult:
-    items: list[RankedItem]
-    affect_used: bool
-    affect_age_s: float          # negative when there is no (consented) affect
-    mood: str                    # "" when affect was not used
-    model_version: str
-    unknown_ids: list[int] = field(default_factory=list)  # candidate ids not in the catalog
-    considered: int = 0          # candidates left after dedupe, maturity gate and exclusions
-    elapsed_ms: float = 0.0
+    """A ranking. `items` may be given as an `Explained` (then `explained` keeps it and the RankedItem
+    objects are made on first access of `items`)."""
+
+    __slots__ = ("_items", "explained", "affect_used", "affect_age_s", "mood", "model_version", "unknown_ids",
+                 "considered", "elapsed_ms")
+
+    def __init__(self, items: list[RankedItem] | Explained, affect_used: bool, affect_age_s: float, mood: str,
+                 model_version: str, unknown_ids: list[int] | None = None, considered: int = 0,
+                 elapsed_ms: float = 0.0) -> None:
+        self.explained = items if isinstance(items, Explained) else None
+        self._items = None if self.explained is not None else items
+        self.affect_used = affect_used
+        self.affect_age_s = affect_age_s    # negative when there is no (consented) affect
+        self.mood = mood                    # "" when affect was not used
+        self.model_version = model_version
+        self.unknown_ids = [] if unknown_ids is None else unknown_ids  # candidate ids not in the catalog
+        self.considered = considered        # candidates left after dedupe, maturity gate and exclusions
+        self.elapsed_ms = elapsed_ms
+
+    @property
+    def items(self) -> list[RankedItem]:
+        if self._items is None:
+            self._items = self.explained.items()
+        return self._items
+
+    @items.setter
+    def items(self, value: list[RankedItem]) -> None:
+        self._items, self.explained = value, None
+
+    def __repr__(self) -> str:
+        return (f"RankResult(items={self.items!r}, affect_used={self.affect_used!r}, affect_age_s={self.affect_age_s!r}, "
+                f"mood={self.mood!r}, model_version={self.model_version!r}, unknown_ids={self.unknown_ids!r}, "
+                f"considered={self.considered!r}, elapsed_ms={self.elapsed_ms!r})")
 
 
 @dataclass
@@ -444,15 +491,17 @@ class Ranker:
             allowed = self._allowed[max_maturity]
             return (self._allowed_rows[max_maturity] if keep is allowed else keep.nonzero()[0]), unknown
         ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
-        r = self.catalog.lookup(ids)
-        if r.min() < 0:
-            kn = r >= 0
-            unknown = np.unique(ids[~kn]).tolist()
-            r = r[kn]
-        mask = np.zeros(len(keep), dtype=bool)
-        mask[r] = True
-        mask &= keep
-        return mask.nonzero()[0], unknown
+        # Sorted rows (-1, an unknown id, first), then each row once and only where `keep` allows: the rows
+        # ascending and unique, as a catalog-sized mask's nonzero() gives them, at half the cost.
+        r = np.sort(self.catalog.lookup(ids))
+        if r[0] < 0:
+            unknown = np.unique(ids[self.catalog.lookup(ids) < 0]).tolist()
+            r = r[r >= 0]
+            if not r.size:
+                return r.astype(np.intp), unknown
+        ok = keep.take(r)
+        np.logical_and(ok[1:], r[1:] != r[:-1], out=ok[1:])
+        return r[ok].astype(np.intp, copy=False), unknown
 
     def _context_sum(self, keys: tuple[str, ...]) -> np.ndarray:
         """Per title, the summed prior of these active context rows (cached per combination)."""
@@ -491,27 +540,29 @@ class Ranker:
             Mc = self._M.take(rows.take(pool[:m]), axis=0)
             # After some picks a title's value is the min over them of (1 - lam) rel - lam sim[j] (a negative
             # constant times a max is a min of the products; float rounding is monotone): row j of `cand` is
-            # that term for pick j, and each pick is one argmax and one element-wise min. Picks come from the
-            # top of the pool, so the rows of its first 2 x n_pick titles are one product; a pick beyond them
-            # (rare) gets its row on its own.
+            # that term for pick j, with -inf at j itself (a pick is never picked again), so each pick is one
+            # element-wise min and one argmax. Picks come from the top of the pool, so the rows of its first
+            # 2 x n_pick titles are one product; a pick beyond them (rare) gets its row on its own.
             neg_lam = np.float32(-self.diversity)
             bm = base[:m]
             r = min(m, 2 * n_pick)
             cand = Mc[:r] @ Mc.T
             cand *= neg_lam
             cand += bm
+            cand.ravel()[::m + 1] = -np.inf  # the diagonal of the r x m block
             val = bm.copy()
             picked = [0]  # the first pick is the best score (argmax of `base`, which is sorted descending)
             j = 0
+            minimum = np.minimum
             for _ in range(n_pick - 1):
                 if j < r:
-                    np.minimum(val, cand[j], out=val)
+                    minimum(val, cand[j], out=val)
                 else:
                     b = Mc.dot(Mc[j])
                     b *= neg_lam
                     b += bm
-                    np.minimum(val, b, out=val)
-                val[j] = -np.inf
+                    b[j] = -np.inf
+                    minimum(val, b, out=val)
                 j = int(val.argmax())
                 picked.append(j)
             head = pool[picked]
@@ -576,7 +627,7 @@ class Ranker:
         order = self._mmr(rows, score, int(k))
         top = rows[order]
         T = np.zeros((len(SIGNALS), len(top)), dtype=np.float32)  # every signal's part, for the k shown only
-        T[[_SEQ, _NEXT]] = B[:2].take(order, axis=1)  # base rows 0, 1: sequence, next
+        B[:2].take(order, axis=1, out=T[:2])  # base rows 0, 1: sequence, next (SIGNALS 0, 1)
         if d.taste is not None:
             self.F.take(top, axis=0).dot(d.taste, out=T[_CF])
         G = self.Gs.take(top, axis=0)
@@ -641,12 +692,12 @@ class Ranker:
         return recent[np.argmax(m, axis=0)]
 
     def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
-                 mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list[RankedItem]:
+                 mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> Explained:
         """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores).
         A signal's facts (which recent title, which genre...) are computed, for all k items at once, only
         when some item's reasons will read them: first for the signals strong enough to make a reason, then,
-        for the items none of those explained, for the signals that pushed them up at all."""
-        ids, titles = self._id_list, self.catalog.titles
+        for the items none of those explained, for the signals that pushed them up at all. The items come
+        back as columns (`Explained`), the reasons as Reason field tuples: no object per item or reason."""
         Tl = T.T.tolist()
         orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
         strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
@@ -658,21 +709,17 @@ class Ranker:
                 strong[j] = True
         facts: list[dict] = [{"pop_recent": p, "mood": mood} for p in self.pop_recent[top].tolist()]
         self._facts(facts, [j for j, on in enumerate(strong) if on], top, d, ctx_keys, seq_recent, nxt)
-        sc = score.tolist()
-        out, weak = [], []
-        for i, r in enumerate(top.tolist()):
-            v = Tl[i]
-            reasons = strong_reasons(v, facts[i], orders[i])
-            if not reasons:
-                weak.append(i)
-            out.append(RankedItem(ids[r], titles[r], sc[i], dict(zip(SIGNALS, v)), reasons))
-        if weak:
+        reasons = list(map(strong_reason_tuples, Tl, facts, orders))
+        if not all(reasons):
+            weak = [i for i, rs in enumerate(reasons) if not rs]
             pushed = (T > 0).any(axis=1).tolist()
             self._facts(facts, [j for j in range(len(SIGNALS)) if pushed[j] and not strong[j]], top, d, ctx_keys,
                         seq_recent, nxt)
             for i in weak:
-                out[i].reasons = fallback_reason(Tl[i], facts[i], orders[i])
-        return out
+                reasons[i] = [fallback_reason_tuple(Tl[i], facts[i], orders[i])]
+        rows = top.tolist()
+        ids, titles = self._id_list, self.catalog.titles
+        return Explained([ids[r] for r in rows], [titles[r] for r in rows], score.tolist(), Tl, reasons)
 
     def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str],
                seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> None:

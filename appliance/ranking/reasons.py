@@ -94,8 +94,23 @@ def build_reasons(values: Sequence[float], facts: Facts, order: Sequence[int] | 
 def strong_reasons(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
     """The reasons of the signals that pushed the item up enough (possibly none). Reads the facts of
     those signals only: the ones whose value is not below `reason_floor(max(values))`."""
-    floor = reason_floor(values[order[0]])
-    out: list[Reason] = []
+    return [Reason(*r) for r in strong_reason_tuples(values, facts, order)]
+
+
+def fallback_reason(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
+    """When no signal made a reason: the strongest positive signal even if small; if none is positive, say
+    it is for variety. Reads the facts of any positive signal."""
+    return [Reason(*fallback_reason_tuple(values, facts, order))]
+
+
+ReasonTuple = tuple  # (text, signal, weight, because_item_id): a Reason's fields, in its field order
+
+
+def strong_reason_tuples(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[ReasonTuple]:
+    """`strong_reasons` as field tuples (the Rank path encodes them without making objects)."""
+    top = values[order[0]]
+    floor = MIN_SHARE * top if MIN_SHARE * top > MIN_ABS else MIN_ABS  # reason_floor(top), inlined
+    out: list[ReasonTuple] = []
     named: list[int] = []  # titles already named by a reason
     for j in order:
         value = values[j]
@@ -107,20 +122,19 @@ def strong_reasons(values: Sequence[float], facts: Facts, order: Sequence[int]) 
                 if made[1] in named:
                     continue  # one reason per named title
                 named.append(made[1])
-            out.append(Reason(made[0], SIGNALS[j], value, made[1]))
+            out.append((made[0], SIGNALS[j], value, made[1]))
             if len(out) == MAX_REASONS:
                 break
     return out
 
 
-def fallback_reason(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
-    """When no signal made a reason: the strongest positive signal even if small; if none is positive, say
-    it is for variety. Reads the facts of any positive signal."""
+def fallback_reason_tuple(values: Sequence[float], facts: Facts, order: Sequence[int]) -> ReasonTuple:
+    """`fallback_reason`'s one reason as a field tuple."""
     for j in order:
         made = _TEXT[j](facts) if values[j] > 0 else None
         if made is not None:
-            return [Reason(made[0], SIGNALS[j], float(values[j]), made[1])]
-    return [Reason("Something different to try", SIGNALS[order[0]], float(values[order[0]]), 0)]
+            return (made[0], SIGNALS[j], float(values[j]), made[1])
+    return ("Something different to try", SIGNALS[order[0]], float(values[order[0]]), 0)
 
 
 def reason_floor(top: float) -> float:

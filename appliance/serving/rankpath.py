@@ -32,6 +32,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from appliance.errors import ValidationError
+from appliance.ranking.reasons import SIGNALS
 from appliance.v1 import common_pb2, ranker_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -220,6 +221,7 @@ class ResponseEncoder:
         self._contrib: dict[str, bytes] = {}
         self._signal_field: dict[str, bytes] = {}
         self._contrib_struct: dict[tuple[str, ...], Callable[[list[float]], bytes]] = {}
+        self._signals_packer: Callable[[list[float]], bytes] | None = None
         self._lock = threading.Lock()
 
     def _head(self, item_id: int, title: str) -> bytes:
@@ -267,24 +269,30 @@ class ResponseEncoder:
         return p
 
     def item(self, it) -> bytes:  # noqa: ANN001 - appliance.ranking.RankedItem
+        contrib = it.contributions
+        packer = self._contrib_struct.get(tuple(contrib)) or self._contrib_packer(tuple(contrib))
+        return self._item(it.item_id, it.title, it.score, list(contrib.values()),
+                          [(r.text, r.signal, r.weight, r.because_item_id) for r in it.reasons], packer)
+
+    def _item(self, item_id: int, title: str, score: float, values: list[float], reasons: list[tuple],
+              packer: Callable[[list[float]], bytes]) -> bytes:
+        """One RankedItem: reasons as (text, signal, weight, because_item_id) tuples, the contribution values
+        in the order `packer` was made for."""
         pack = _F32.pack
-        parts = [self._head(it.item_id, it.title)]
-        f = pack(it.score)
+        parts = [self._heads.get((item_id, title)) or self._head(item_id, title)]
+        f = pack(score)
         if f != _ZERO32:  # protobuf leaves out a float whose bits are 0 (-0.0 is kept)
             parts += (self._t_score, f)
         heads, because = self._reason_heads, self._because
-        for r in it.reasons:
-            body = heads.get((r.text, r.signal)) or self._reason_head(r.text, r.signal)
-            f = pack(r.weight)
+        for text, signal, weight, b in reasons:
+            body = heads.get((text, signal)) or self._reason_head(text, signal)
+            f = pack(weight)
             if f != _ZERO32:
                 body += self._t_r_weight + f
-            b = r.because_item_id
             if b:
                 body += because.get(b) or self._because_field(b)
             parts.append(_ld(self._t_reason, body))
-        contrib = it.contributions
-        packer = self._contrib_struct.get(tuple(contrib)) or self._contrib_packer(tuple(contrib))
-        parts.append(packer(list(contrib.values())))  # every contribution in one call, zeros written out too
+        parts.append(packer(values))  # every contribution in one call, zeros written out too
         return _ld(self._t_item, b"".join(parts))
 
     def _contrib_packer(self, names: tuple[str, ...]) -> Callable[[list[float]], bytes]:
@@ -301,8 +309,16 @@ class ResponseEncoder:
         return packer
 
     def response(self, result) -> bytes:  # noqa: ANN001 - appliance.ranking.RankResult
-        """The RankResponse of a ranking, without affect_age_s (see `with_age`)."""
-        parts = [self.item(it) for it in result.items]
+        """The RankResponse of a ranking, without affect_age_s (see `with_age`). A ranking that carries its
+        items as columns (`result.explained`) is encoded from them, without making the item objects."""
+        ex = getattr(result, "explained", None)
+        if ex is not None:
+            packer = self._signals_packer or self._make_signals_packer()
+            item = self._item
+            parts = [item(i, t, s, v, rs, packer)
+                     for i, t, s, v, rs in zip(ex.ids, ex.titles, ex.scores, ex.values, ex.reasons)]
+        else:
+            parts = [self.item(it) for it in result.items]
         if result.model_version:
             parts.append(_ld(self._t_version, result.model_version.encode()))
         if result.affect_used:
@@ -310,6 +326,11 @@ class ResponseEncoder:
         if result.mood:
             parts.append(_ld(self._t_mood, result.mood.encode()))
         return b"".join(parts)
+
+    def _make_signals_packer(self) -> Callable[[list[float]], bytes]:
+        """The packer of the ranker's contributions (every signal, in SIGNALS order)."""
+        self._signals_packer = self._contrib_struct.get(SIGNALS) or self._contrib_packer(SIGNALS)
+        return self._signals_packer
 
 
 _ENCODER = ResponseEncoder()
