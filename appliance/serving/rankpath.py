@@ -342,28 +342,40 @@ def encode_response(result) -> bytes:  # noqa: ANN001 - appliance.ranking.RankRe
 
 
 class RankCache:
-    """Per-session LRU of serialized answers, each valid for one (profile version, session version)."""
+    """Per-session LRU of serialized answers, each valid for one (profile version, session version).
+
+    A session's entries are a short list scanned with `==` (most recent last), not a dict: a key holds the
+    request's 8 KB of candidate ids, and hashing them costs ~5 us per Rank where comparing them with the few
+    stored keys stops at the first differing byte."""
 
     def __init__(self, per_session: int = 8, max_sessions: int = 256) -> None:
         self.per_session, self.max_sessions = per_session, max_sessions
-        self._by_session: OrderedDict[str, OrderedDict[tuple, tuple[int, int, bytes]]] = OrderedDict()
+        self._by_session: OrderedDict[str, list[tuple[tuple, int, int, bytes]]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    @staticmethod
+    def _find(entries: list, key: tuple) -> int:
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i][0] == key:
+                return i
+        return -1
 
     def get(self, session_id: str, key: tuple, versions: tuple[int, int]) -> bytes | None:
         if self.per_session <= 0:
             return None
         with self._lock:
             entries = self._by_session.get(session_id)
-            entry = entries.get(key) if entries is not None else None
-            if entry is None or (entry[0], entry[1]) != versions:
+            i = self._find(entries, key) if entries is not None else -1
+            if i < 0 or (entries[i][1], entries[i][2]) != versions:
                 self.misses += 1
                 return None
-            entries.move_to_end(key)
+            entry = entries.pop(i)
+            entries.append(entry)
             self._by_session.move_to_end(session_id)
             self.hits += 1
-            return entry[2]
+            return entry[3]
 
     def peek(self, session_id: str, key: tuple) -> tuple[int, int, bytes] | None:
         """The entry for this request whatever its versions (it was validated when it was stored)."""
@@ -371,7 +383,8 @@ class RankCache:
             return None
         with self._lock:
             entries = self._by_session.get(session_id)
-            return entries.get(key) if entries is not None else None
+            i = self._find(entries, key) if entries is not None else -1
+            return entries[i][1:] if i >= 0 else None
 
     def put(self, session_id: str, key: tuple, versions: tuple[int, int], payload: bytes) -> None:
         if self.per_session <= 0:
@@ -379,15 +392,17 @@ class RankCache:
         with self._lock:
             entries = self._by_session.get(session_id)
             if entries is None:
-                entries = self._by_session[session_id] = OrderedDict()
+                entries = self._by_session[session_id] = []
                 while len(self._by_session) > self.max_sessions:
                     self._by_session.popitem(last=False)
             else:
                 self._by_session.move_to_end(session_id)
-            entries[key] = (versions[0], versions[1], payload)
-            entries.move_to_end(key)
-            while len(entries) > self.per_session:
-                entries.popitem(last=False)
+                i = self._find(entries, key)
+                if i >= 0:
+                    del entries[i]
+            entries.append((key, versions[0], versions[1], payload))
+            if len(entries) > self.per_session:
+                del entries[: len(entries) - self.per_session]
 
     def drop(self, session_ids) -> None:  # noqa: ANN001 - an iterable of session ids
         with self._lock:
