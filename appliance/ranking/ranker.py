@@ -63,9 +63,10 @@ from appliance.ranking.mood import (
 from appliance.ranking.reasons import (
     SIGNALS,
     Reason,
-    fallback_reason_tuple,
+    fallback_from_made,
+    made_of,
     reason_floor,
-    strong_reason_tuples,
+    strong_from_made,
 )
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ MMR_POOL = 100
 _SEQ, _NEXT, _CF, _SESSION, _CONTENT, _POP, _CTX, _AFFECT = (SIGNALS.index(n) for n in (
     "sequence", "next", "collaborative", "session", "content", "popularity", "context", "affect"))
 SEQ_REASON_RECENT = 3  # "Because you just watched X": X among the newest this many titles
+MADE_PER_STATE = 2048  # reason texts kept per signal and state (a state lives until the session's next event)
+_MISS = object()
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,8 @@ class _Derived:
     p_best: np.ndarray
     keep: dict = field(default_factory=dict)  # maturity ceiling -> catalog mask of rows a Rank may show
                                               # (allowed and not left out), filled on first use
+    made: dict = field(default_factory=dict)  # signal -> {catalog row: (reason text, named id) or None},
+                                              # filled as titles are shown (see Ranker._made)
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -295,6 +300,8 @@ class Ranker:
         z_all, z_recent = _z(pop[:, 0]), _z(pop[:, 1])
         self.pop_z = (0.5 * (z_all + z_recent)).astype(np.float32)
         self.pop_recent = z_recent > z_all
+        self._pop_recent_l: list[bool] = self.pop_recent.tolist()
+        self._pop_made = tuple(made_of(_POP, {"pop_recent": v}) for v in (False, True))  # by pop_recent
         self.Gs = catalog.genre_share
         gn = np.linalg.norm(catalog.genres, axis=1, keepdims=True)
         self.Gl = (catalog.genres / np.maximum(gn, 1e-9)).astype(np.float32)
@@ -694,10 +701,10 @@ class Ranker:
     def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
                  mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> Explained:
         """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores).
-        A signal's facts (which recent title, which genre...) are computed, for all k items at once, only
+        A signal's reason texts (which recent title, which genre...) are made, for all k items at once, only
         when some item's reasons will read them: first for the signals strong enough to make a reason, then,
-        for the items none of those explained, for the signals that pushed them up at all. The items come
-        back as columns (`Explained`), the reasons as Reason field tuples: no object per item or reason."""
+        for the items none of those explained, for the signals that pushed them up at all (`_made`). The
+        items come back as columns (`Explained`), the reasons as Reason field tuples: no object per item."""
         Tl = T.T.tolist()
         orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
         strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
@@ -707,19 +714,53 @@ class Ranker:
                 if v[j] < floor:
                     break
                 strong[j] = True
-        facts: list[dict] = [{"pop_recent": p, "mood": mood} for p in self.pop_recent[top].tolist()]
-        self._facts(facts, [j for j, on in enumerate(strong) if on], top, d, ctx_keys, seq_recent, nxt)
-        reasons = list(map(strong_reason_tuples, Tl, facts, orders))
+        rows = top.tolist()
+        none = [None] * len(rows)
+        cols = [self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt) if on else none
+                for j, on in enumerate(strong)]
+        reasons = list(map(strong_from_made, Tl, orders, zip(*cols)))
         if not all(reasons):
             weak = [i for i, rs in enumerate(reasons) if not rs]
             pushed = (T > 0).any(axis=1).tolist()
-            self._facts(facts, [j for j in range(len(SIGNALS)) if pushed[j] and not strong[j]], top, d, ctx_keys,
-                        seq_recent, nxt)
+            for j in range(len(SIGNALS)):
+                if pushed[j] and not strong[j]:
+                    cols[j] = self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt)
+            made = list(zip(*cols))
             for i in weak:
-                reasons[i] = [fallback_reason_tuple(Tl[i], facts[i], orders[i])]
-        rows = top.tolist()
+                reasons[i] = [fallback_from_made(Tl[i], orders[i], made[i])]
         ids, titles = self._id_list, self.catalog.titles
         return Explained([ids[r] for r in rows], [titles[r] for r in rows], score.tolist(), Tl, reasons)
+
+    def _made(self, j: int, rows: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str], mood: str,
+              seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list:
+        """Per item (catalog rows `rows` = `top`), what signal j's reason text makes of the item's facts:
+        (text, named title id) or None. The five signals whose facts depend on nothing but the state and the
+        title (sequence, next, collaborative, session, content) are kept per state and row (`_Derived.made`,
+        bounded), so a title shown again before the next event costs a dict lookup; the others are made
+        here (popularity per title at start, affect's one text, context from the request's active rows)."""
+        if j == _POP:
+            made, recent = self._pop_made, self._pop_recent_l
+            return [made[recent[r]] for r in rows]
+        if j == _AFFECT:
+            return [made_of(j, {"mood": mood})] * len(rows)
+        if j == _CTX or (j == _SEQ and seq_recent is None) or (j == _NEXT and nxt is None):
+            facts: list[dict] = [{} for _ in rows]
+            self._facts(facts, [j], top, d, ctx_keys, seq_recent, nxt)
+            return [made_of(j, f) for f in facts]
+        memo = d.made.get(j)
+        if memo is None:
+            memo = d.made.setdefault(j, {})
+        out = [memo.get(r, _MISS) for r in rows]
+        miss = [i for i, m in enumerate(out) if m is _MISS]
+        if miss:
+            facts = [{} for _ in miss]
+            self._facts(facts, [j], top if len(miss) == len(rows) else top.take(miss), d, ctx_keys, seq_recent, nxt)
+            room = len(memo) < MADE_PER_STATE
+            for i, f in zip(miss, facts):
+                out[i] = m = made_of(j, f)
+                if room:
+                    memo[rows[i]] = m
+        return out
 
     def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str],
                seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> None:

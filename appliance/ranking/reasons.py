@@ -107,7 +107,35 @@ ReasonTuple = tuple  # (text, signal, weight, because_item_id): a Reason's field
 
 
 def strong_reason_tuples(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[ReasonTuple]:
-    """`strong_reasons` as field tuples (the Rank path encodes them without making objects)."""
+    """`strong_reasons` as field tuples."""
+    return strong_from_made(values, order, _Made(facts))
+
+
+def fallback_reason_tuple(values: Sequence[float], facts: Facts, order: Sequence[int]) -> ReasonTuple:
+    """`fallback_reason`'s one reason as a field tuple."""
+    return fallback_from_made(values, order, _Made(facts))
+
+
+class _Made:
+    """made[j]: what signal j's text function makes of these facts, (text, named title id) or None."""
+
+    __slots__ = ("facts",)
+
+    def __init__(self, facts: Facts) -> None:
+        self.facts = facts
+
+    def __getitem__(self, j: int) -> tuple[str, int] | None:
+        return _TEXT[j](self.facts)
+
+
+def made_of(j: int, facts: Facts) -> tuple[str, int] | None:
+    """Signal j's (text, named title id) from an item's facts, or None when they do not make one."""
+    return _TEXT[j](facts)
+
+
+def strong_from_made(values: Sequence[float], order: Sequence[int], made) -> list[ReasonTuple]:  # noqa: ANN001
+    """The strong reasons as Reason field tuples, from `made[j]` = made_of(j, the item's facts) (read only
+    for the signals not below the item's floor). The one implementation behind `strong_reasons`."""
     top = values[order[0]]
     floor = MIN_SHARE * top if MIN_SHARE * top > MIN_ABS else MIN_ABS  # reason_floor(top), inlined
     out: list[ReasonTuple] = []
@@ -116,24 +144,24 @@ def strong_reason_tuples(values: Sequence[float], facts: Facts, order: Sequence[
         value = values[j]
         if value < floor:
             break
-        made = _TEXT[j](facts)
-        if made is not None:
-            if made[1]:
-                if made[1] in named:
+        m = made[j]
+        if m is not None:
+            if m[1]:
+                if m[1] in named:
                     continue  # one reason per named title
-                named.append(made[1])
-            out.append((made[0], SIGNALS[j], value, made[1]))
+                named.append(m[1])
+            out.append((m[0], SIGNALS[j], value, m[1]))
             if len(out) == MAX_REASONS:
                 break
     return out
 
 
-def fallback_reason_tuple(values: Sequence[float], facts: Facts, order: Sequence[int]) -> ReasonTuple:
-    """`fallback_reason`'s one reason as a field tuple."""
+def fallback_from_made(values: Sequence[float], order: Sequence[int], made) -> ReasonTuple:  # noqa: ANN001
+    """`fallback_reason`'s reason as a field tuple, from `made[j]` (read only for positive signals)."""
     for j in order:
-        made = _TEXT[j](facts) if values[j] > 0 else None
-        if made is not None:
-            return (made[0], SIGNALS[j], float(values[j]), made[1])
+        m = made[j] if values[j] > 0 else None
+        if m is not None:
+            return (m[0], SIGNALS[j], float(values[j]), m[1])
     return ("Something different to try", SIGNALS[order[0]], float(values[order[0]]), 0)
 
 
