@@ -332,6 +332,7 @@ class Ranker:
         # Active context rows -> their summed per-title prior, made on first use (a handful of combinations):
         # the same float32 sums, in the same order, as adding the rows' gathers at Rank time.
         self._ctx_sum: dict[tuple[str, ...], np.ndarray] = {}
+        self._ctx_keys: dict[tuple[int, int, int], tuple[str, ...]] = {}  # (device, hour, weekday) -> rows
 
     @classmethod
     def from_config(cls, cfg: RankingConfig, bundle_dir: str | os.PathLike[str]) -> Ranker:
@@ -616,11 +617,16 @@ class Ranker:
             _zscore(B[1], None, w.next, B[1])
             nxt = d.next_recent
         score = _add(B, axis=0)
-        ctx_keys = [key for key in active_context_keys(context.device, context.local_hour, context.weekday)
-                    if key in self._ctx_cat]
+        when = (context.device, context.local_hour, context.weekday)
+        ctx_keys = self._ctx_keys.get(when)
+        if ctx_keys is None:  # the active context rows this ranker has, per (device, hour, weekday)
+            ctx_keys = tuple(key for key in active_context_keys(*when) if key in self._ctx_cat)
+            if len(self._ctx_keys) >= 4096:  # valid requests make at most a few hundred
+                self._ctx_keys.clear()
+            self._ctx_keys[when] = ctx_keys
         ctx = None
         if ctx_keys:
-            ctx = self._context_sum(tuple(ctx_keys)).take(rows)
+            ctx = self._context_sum(ctx_keys).take(rows)
             score += ctx
         aff = None
         if use_affect:
@@ -698,7 +704,7 @@ class Ranker:
             m[k, hit] = vals[a:e][pos[hit]] / (k + 1.0)
         return recent[np.argmax(m, axis=0)]
 
-    def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
+    def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...],
                  mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> Explained:
         """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores).
         A signal's reason texts (which recent title, which genre...) are made, for all k items at once, only
@@ -731,7 +737,7 @@ class Ranker:
         ids, titles = self._id_list, self.catalog.titles
         return Explained([ids[r] for r in rows], [titles[r] for r in rows], score.tolist(), Tl, reasons)
 
-    def _made(self, j: int, rows: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str], mood: str,
+    def _made(self, j: int, rows: list[int], top: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...], mood: str,
               seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list:
         """Per item (catalog rows `rows` = `top`), what signal j's reason text makes of the item's facts:
         (text, named title id) or None. The five signals whose facts depend on nothing but the state and the
@@ -762,7 +768,7 @@ class Ranker:
                     memo[rows[i]] = m
         return out
 
-    def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str],
+    def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...],
                seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> None:
         """Add to each item's facts those the reasons of `signals` need (see reasons.Facts)."""
         ids, titles = self._id_list, self.catalog.titles

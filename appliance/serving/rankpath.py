@@ -283,7 +283,7 @@ class ResponseEncoder:
         f = pack(score)
         if f != _ZERO32:  # protobuf leaves out a float whose bits are 0 (-0.0 is kept)
             parts += (self._t_score, f)
-        heads, because = self._reason_heads, self._because
+        heads, because, t_reason = self._reason_heads, self._because, self._t_reason
         for text, signal, weight, b in reasons:
             body = heads.get((text, signal)) or self._reason_head(text, signal)
             f = pack(weight)
@@ -291,7 +291,8 @@ class ResponseEncoder:
                 body += self._t_r_weight + f
             if b:
                 body += because.get(b) or self._because_field(b)
-            parts.append(_ld(self._t_reason, body))
+            n = len(body)
+            parts.append(bytes((t_reason, n)) + body if n < 0x80 else _ld(t_reason, body))  # _ld, inlined
         parts.append(packer(values))  # every contribution in one call, zeros written out too
         return _ld(self._t_item, b"".join(parts))
 
