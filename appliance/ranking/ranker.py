@@ -77,7 +77,7 @@ MMR_POOL = 100
 _SEQ, _NEXT, _CF, _SESSION, _CONTENT, _POP, _CTX, _AFFECT = (SIGNALS.index(n) for n in (
     "sequence", "next", "collaborative", "session", "content", "popularity", "context", "affect"))
 SEQ_REASON_RECENT = 3  # "Because you just watched X": X among the newest this many titles
-MADE_PER_STATE = 2048  # reason texts kept per signal and state (a state lives until the session's next event)
+MADE_PER_STATE = 512  # reason texts kept per signal and state (a state lives until the session's next event)
 _MISS = object()
 
 
