@@ -33,9 +33,13 @@ sequence encoder's query, the taste vector, every state-only term of every title
 z-scores two of them over the candidates, adds the request's context/affect terms, runs MMR and writes the
 reasons of the k titles it returns. A Rank is a few dozen numpy calls on ~1,000-element arrays, where each
 call's fixed cost (~1 us) is most of its price, so the Rank path counts calls: what may be shown is one mask
-per state and maturity ceiling, ids become rows with one clipped gather, mean/std skip numpy's Python
-wrappers, and gathers use `take` (C-ordered results). Every shortcut keeps the float32 arithmetic of the
-plain expression it replaces, step for step: rankings and scores are bit-identical.
+per state and maturity ceiling, ids become rows with one clipped gather and one sort, mean/std skip numpy's
+Python wrappers, gathers use `take` (C-ordered results), the reason texts of a title are kept per state, and
+the items are handed over as columns (`Explained`; `RankResult.items` makes the objects on demand). Every
+shortcut keeps the float32 arithmetic of the plain expression it replaces, step for step, so scores and
+contributions are bit-identical; the one exception is MMR's similarities, one small matrix product instead
+of a mat-vec per pick: the same values up to the last bit, which can move a pick only at an exact near-tie
+(none in 4,800 random rankings checked against the per-pick mat-vecs).
 """
 
 from __future__ import annotations
