@@ -33,9 +33,13 @@ sequence encoder's query, the taste vector, every state-only term of every title
 z-scores two of them over the candidates, adds the request's context/affect terms, runs MMR and writes the
 reasons of the k titles it returns. A Rank is a few dozen numpy calls on ~1,000-element arrays, where each
 call's fixed cost (~1 us) is most of its price, so the Rank path counts calls: what may be shown is one mask
-per state and maturity ceiling, ids become rows with one clipped gather, mean/std skip numpy's Python
-wrappers, and gathers use `take` (C-ordered results). Every shortcut keeps the float32 arithmetic of the
-plain expression it replaces, step for step: rankings and scores are bit-identical.
+per state and maturity ceiling, ids become rows with one clipped gather and one sort, mean/std skip numpy's
+Python wrappers, gathers use `take` (C-ordered results), the reason texts of a title are kept per state, and
+the items are handed over as columns (`Explained`; `RankResult.items` makes the objects on demand). Every
+shortcut keeps the float32 arithmetic of the plain expression it replaces, step for step, so scores and
+contributions are bit-identical; the one exception is MMR's similarities, one small matrix product instead
+of a mat-vec per pick: the same values up to the last bit, which can move a pick only at an exact near-tie
+(none in 4,800 random rankings checked against the per-pick mat-vecs).
 """
 
 from __future__ import annotations
@@ -60,7 +64,14 @@ from appliance.ranking.mood import (
     mood_intensity,
     mood_word,
 )
-from appliance.ranking.reasons import SIGNALS, Reason, fallback_reason, reason_floor, strong_reasons
+from appliance.ranking.reasons import (
+    SIGNALS,
+    Reason,
+    fallback_from_made,
+    made_of,
+    reason_floor,
+    strong_from_made,
+)
 
 if TYPE_CHECKING:
     from appliance.config.schema import RankingConfig
@@ -70,6 +81,8 @@ MMR_POOL = 100
 _SEQ, _NEXT, _CF, _SESSION, _CONTENT, _POP, _CTX, _AFFECT = (SIGNALS.index(n) for n in (
     "sequence", "next", "collaborative", "session", "content", "popularity", "context", "affect"))
 SEQ_REASON_RECENT = 3  # "Because you just watched X": X among the newest this many titles
+MADE_PER_STATE = 512  # reason texts kept per signal and state (a state lives until the session's next event)
+_MISS = object()
 
 
 @dataclass(frozen=True)
@@ -130,16 +143,57 @@ class RankedItem:
     reasons: list[Reason]
 
 
-@dataclass
+class Explained:
+    """The returned items of a ranking as plain columns: what `RankedItem`s are made of, without making
+    them (the Rank path encodes these directly; `RankResult.items` builds the objects on first use)."""
+
+    __slots__ = ("ids", "titles", "scores", "values", "reasons")
+
+    def __init__(self, ids: list[int], titles: list[str], scores: list[float], values: list[list[float]],
+                 reasons: list[list[tuple]]) -> None:
+        self.ids, self.titles, self.scores = ids, titles, scores
+        self.values = values    # per item: the signal contributions in SIGNALS order
+        self.reasons = reasons  # per item: (text, signal, weight, because_item_id) tuples, Reason's fields
+
+    def items(self) -> list[RankedItem]:
+        return [RankedItem(i, t, s, dict(zip(SIGNALS, v)), [Reason(*r) for r in rs])
+                for i, t, s, v, rs in zip(self.ids, self.titles, self.scores, self.values, self.reasons)]
+
+
 class RankResult:
-    items: list[RankedItem]
-    affect_used: bool
-    affect_age_s: float          # negative when there is no (consented) affect
-    mood: str                    # "" when affect was not used
-    model_version: str
-    unknown_ids: list[int] = field(default_factory=list)  # candidate ids not in the catalog
-    considered: int = 0          # candidates left after dedupe, maturity gate and exclusions
-    elapsed_ms: float = 0.0
+    """A ranking. `items` may be given as an `Explained` (then `explained` keeps it and the RankedItem
+    objects are made on first access of `items`)."""
+
+    __slots__ = ("_items", "explained", "affect_used", "affect_age_s", "mood", "model_version", "unknown_ids",
+                 "considered", "elapsed_ms")
+
+    def __init__(self, items: list[RankedItem] | Explained, affect_used: bool, affect_age_s: float, mood: str,
+                 model_version: str, unknown_ids: list[int] | None = None, considered: int = 0,
+                 elapsed_ms: float = 0.0) -> None:
+        self.explained = items if isinstance(items, Explained) else None
+        self._items = None if self.explained is not None else items
+        self.affect_used = affect_used
+        self.affect_age_s = affect_age_s    # negative when there is no (consented) affect
+        self.mood = mood                    # "" when affect was not used
+        self.model_version = model_version
+        self.unknown_ids = [] if unknown_ids is None else unknown_ids  # candidate ids not in the catalog
+        self.considered = considered        # candidates left after dedupe, maturity gate and exclusions
+        self.elapsed_ms = elapsed_ms
+
+    @property
+    def items(self) -> list[RankedItem]:
+        if self._items is None:
+            self._items = self.explained.items()
+        return self._items
+
+    @items.setter
+    def items(self, value: list[RankedItem]) -> None:
+        self._items, self.explained = value, None
+
+    def __repr__(self) -> str:
+        return (f"RankResult(items={self.items!r}, affect_used={self.affect_used!r}, affect_age_s={self.affect_age_s!r}, "
+                f"mood={self.mood!r}, model_version={self.model_version!r}, unknown_ids={self.unknown_ids!r}, "
+                f"considered={self.considered!r}, elapsed_ms={self.elapsed_ms!r})")
 
 
 @dataclass
@@ -181,6 +235,8 @@ class _Derived:
     p_best: np.ndarray
     keep: dict = field(default_factory=dict)  # maturity ceiling -> catalog mask of rows a Rank may show
                                               # (allowed and not left out), filled on first use
+    made: dict = field(default_factory=dict)  # signal -> {catalog row: (reason text, named id) or None},
+                                              # filled as titles are shown (see Ranker._made)
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -248,6 +304,8 @@ class Ranker:
         z_all, z_recent = _z(pop[:, 0]), _z(pop[:, 1])
         self.pop_z = (0.5 * (z_all + z_recent)).astype(np.float32)
         self.pop_recent = z_recent > z_all
+        self._pop_recent_l: list[bool] = self.pop_recent.tolist()
+        self._pop_made = tuple(made_of(_POP, {"pop_recent": v}) for v in (False, True))  # by pop_recent
         self.Gs = catalog.genre_share
         gn = np.linalg.norm(catalog.genres, axis=1, keepdims=True)
         self.Gl = (catalog.genres / np.maximum(gn, 1e-9)).astype(np.float32)
@@ -278,6 +336,7 @@ class Ranker:
         # Active context rows -> their summed per-title prior, made on first use (a handful of combinations):
         # the same float32 sums, in the same order, as adding the rows' gathers at Rank time.
         self._ctx_sum: dict[tuple[str, ...], np.ndarray] = {}
+        self._ctx_keys: dict[tuple[int, int, int], tuple[str, ...]] = {}  # (device, hour, weekday) -> rows
 
     @classmethod
     def from_config(cls, cfg: RankingConfig, bundle_dir: str | os.PathLike[str]) -> Ranker:
@@ -444,15 +503,17 @@ class Ranker:
             allowed = self._allowed[max_maturity]
             return (self._allowed_rows[max_maturity] if keep is allowed else keep.nonzero()[0]), unknown
         ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
-        r = self.catalog.lookup(ids)
-        if r.min() < 0:
-            kn = r >= 0
-            unknown = np.unique(ids[~kn]).tolist()
-            r = r[kn]
-        mask = np.zeros(len(keep), dtype=bool)
-        mask[r] = True
-        mask &= keep
-        return mask.nonzero()[0], unknown
+        # Sorted rows (-1, an unknown id, first), then each row once and only where `keep` allows: the rows
+        # ascending and unique, as a catalog-sized mask's nonzero() gives them, at half the cost.
+        r = np.sort(self.catalog.lookup(ids))
+        if r[0] < 0:
+            unknown = np.unique(ids[self.catalog.lookup(ids) < 0]).tolist()
+            r = r[r >= 0]
+            if not r.size:
+                return r.astype(np.intp), unknown
+        ok = keep.take(r)
+        np.logical_and(ok[1:], r[1:] != r[:-1], out=ok[1:])
+        return r[ok].astype(np.intp, copy=False), unknown
 
     def _context_sum(self, keys: tuple[str, ...]) -> np.ndarray:
         """Per title, the summed prior of these active context rows (cached per combination)."""
@@ -475,33 +536,47 @@ class Ranker:
         if self.diversity <= 0 or pool_n <= 1:
             head = pool
         else:
-            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. The value
-            # after some picks is the min over them of (1 - lam) rel - lam sim[j] (a negative constant times a
-            # max is a min of the products; float rounding is monotone), so each pick costs one mat-vec and
-            # one element-wise min, and the last pick none. (Mat-vecs, not one pool x pool product: the
-            # product's float rounding differs from the mat-vec's, and near-ties would then pick differently.)
-            base = score[pool]  # descending: [0] is the max, [-1] the min; in place, the same float32 steps as
-            base -= base[-1]    # ((1 - lam) * ((s - min) / max(max - min, 1e-9))).astype(float32)
+            # MMR: pick argmax of (1 - lam) rel_i - lam max_{j picked} sim_ij, one title at a time. `base` is the
+            # relevance part, in place with the same float32 steps as
+            # ((1 - lam) * ((s - min) / max(max - min, 1e-9))).astype(float32); [0] is the max, [-1] the min.
+            base = score[pool]
+            base -= base[-1]
             base /= max(float(base[0]), 1e-9)
             base *= 1 - self.diversity
-            Mp = self._M.take(rows.take(pool), axis=0)
-            neg_lam = np.float32(-self.diversity)
-            val = base.copy()
-            b = np.empty(pool_n, dtype=np.float32)
-            picked = []
             n_pick = min(want, pool_n)
-            j = 0  # the first pick is the best score (argmax of `base`, which is sorted descending)
-            for t in range(n_pick):
-                if t:
-                    j = int(val.argmax())
+            # Only titles whose relevance is within lam (x 1.001: |sim| <= 1 up to rounding) of the n_pick-th best
+            # can ever be picked: a title's value is at most its relevance and at least relevance - lam, and
+            # before each of the n_pick picks one of the n_pick best is still unpicked. `base` is sorted
+            # descending, so they are a prefix of the pool, `Mc`.
+            m = int(np.count_nonzero(base >= base[n_pick - 1] - np.float32(self.diversity * 1.001)))
+            Mc = self._M.take(rows.take(pool[:m]), axis=0)
+            # After some picks a title's value is the min over them of (1 - lam) rel - lam sim[j] (a negative
+            # constant times a max is a min of the products; float rounding is monotone): row j of `cand` is
+            # that term for pick j, with -inf at j itself (a pick is never picked again), so each pick is one
+            # element-wise min and one argmax. Picks come from the top of the pool, so the rows of its first
+            # 2 x n_pick titles are one product; a pick beyond them (rare) gets its row on its own.
+            neg_lam = np.float32(-self.diversity)
+            bm = base[:m]
+            r = min(m, 2 * n_pick)
+            cand = Mc[:r] @ Mc.T
+            cand *= neg_lam
+            cand += bm
+            cand.ravel()[::m + 1] = -np.inf  # the diagonal of the r x m block
+            val = bm.copy()
+            picked = [0]  # the first pick is the best score (argmax of `base`, which is sorted descending)
+            j = 0
+            minimum = np.minimum
+            for _ in range(n_pick - 1):
+                if j < r:
+                    minimum(val, cand[j], out=val)
+                else:
+                    b = Mc.dot(Mc[j])
+                    b *= neg_lam
+                    b += bm
+                    b[j] = -np.inf
+                    minimum(val, b, out=val)
+                j = int(val.argmax())
                 picked.append(j)
-                if t + 1 == n_pick:
-                    break
-                Mp.dot(Mp[j], out=b)  # the same BLAS mat-vec as np.matmul, at half the call cost
-                b *= neg_lam
-                b += base
-                np.minimum(val, b, out=val)
-                val[j] = -np.inf
             head = pool[picked]
         if want <= len(head):
             return head[:want]
@@ -546,11 +621,16 @@ class Ranker:
             _zscore(B[1], None, w.next, B[1])
             nxt = d.next_recent
         score = _add(B, axis=0)
-        ctx_keys = [key for key in active_context_keys(context.device, context.local_hour, context.weekday)
-                    if key in self._ctx_cat]
+        when = (context.device, context.local_hour, context.weekday)
+        ctx_keys = self._ctx_keys.get(when)
+        if ctx_keys is None:  # the active context rows this ranker has, per (device, hour, weekday)
+            ctx_keys = tuple(key for key in active_context_keys(*when) if key in self._ctx_cat)
+            if len(self._ctx_keys) >= 4096:  # valid requests make at most a few hundred
+                self._ctx_keys.clear()
+            self._ctx_keys[when] = ctx_keys
         ctx = None
         if ctx_keys:
-            ctx = self._context_sum(tuple(ctx_keys)).take(rows)
+            ctx = self._context_sum(ctx_keys).take(rows)
             score += ctx
         aff = None
         if use_affect:
@@ -564,7 +644,7 @@ class Ranker:
         order = self._mmr(rows, score, int(k))
         top = rows[order]
         T = np.zeros((len(SIGNALS), len(top)), dtype=np.float32)  # every signal's part, for the k shown only
-        T[[_SEQ, _NEXT]] = B[:2].take(order, axis=1)  # base rows 0, 1: sequence, next
+        B[:2].take(order, axis=1, out=T[:2])  # base rows 0, 1: sequence, next (SIGNALS 0, 1)
         if d.taste is not None:
             self.F.take(top, axis=0).dot(d.taste, out=T[_CF])
         G = self.Gs.take(top, axis=0)
@@ -628,13 +708,13 @@ class Ranker:
             m[k, hit] = vals[a:e][pos[hit]] / (k + 1.0)
         return recent[np.argmax(m, axis=0)]
 
-    def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: list[str],
-                 mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list[RankedItem]:
+    def _explain(self, top: np.ndarray, T: np.ndarray, score: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...],
+                 mood: str, seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> Explained:
         """Reasons for the returned items only (catalog rows `top`, their per-signal terms T and scores).
-        A signal's facts (which recent title, which genre...) are computed, for all k items at once, only
+        A signal's reason texts (which recent title, which genre...) are made, for all k items at once, only
         when some item's reasons will read them: first for the signals strong enough to make a reason, then,
-        for the items none of those explained, for the signals that pushed them up at all."""
-        ids, titles = self._id_list, self.catalog.titles
+        for the items none of those explained, for the signals that pushed them up at all (`_made`). The
+        items come back as columns (`Explained`), the reasons as Reason field tuples: no object per item."""
         Tl = T.T.tolist()
         orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
         strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
@@ -644,25 +724,55 @@ class Ranker:
                 if v[j] < floor:
                     break
                 strong[j] = True
-        facts: list[dict] = [{"pop_recent": p, "mood": mood} for p in self.pop_recent[top].tolist()]
-        self._facts(facts, [j for j, on in enumerate(strong) if on], top, d, ctx_keys, seq_recent, nxt)
-        sc = score.tolist()
-        out, weak = [], []
-        for i, r in enumerate(top.tolist()):
-            v = Tl[i]
-            reasons = strong_reasons(v, facts[i], orders[i])
-            if not reasons:
-                weak.append(i)
-            out.append(RankedItem(ids[r], titles[r], sc[i], dict(zip(SIGNALS, v)), reasons))
-        if weak:
+        rows = top.tolist()
+        none = [None] * len(rows)
+        cols = [self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt) if on else none
+                for j, on in enumerate(strong)]
+        reasons = list(map(strong_from_made, Tl, orders, zip(*cols)))
+        if not all(reasons):
+            weak = [i for i, rs in enumerate(reasons) if not rs]
             pushed = (T > 0).any(axis=1).tolist()
-            self._facts(facts, [j for j in range(len(SIGNALS)) if pushed[j] and not strong[j]], top, d, ctx_keys,
-                        seq_recent, nxt)
+            for j in range(len(SIGNALS)):
+                if pushed[j] and not strong[j]:
+                    cols[j] = self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt)
+            made = list(zip(*cols))
             for i in weak:
-                out[i].reasons = fallback_reason(Tl[i], facts[i], orders[i])
+                reasons[i] = [fallback_from_made(Tl[i], orders[i], made[i])]
+        ids, titles = self._id_list, self.catalog.titles
+        return Explained([ids[r] for r in rows], [titles[r] for r in rows], score.tolist(), Tl, reasons)
+
+    def _made(self, j: int, rows: list[int], top: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...], mood: str,
+              seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list:
+        """Per item (catalog rows `rows` = `top`), what signal j's reason text makes of the item's facts:
+        (text, named title id) or None. The five signals whose facts depend on nothing but the state and the
+        title (sequence, next, collaborative, session, content) are kept per state and row (`_Derived.made`,
+        bounded), so a title shown again before the next event costs a dict lookup; the others are made
+        here (popularity per title at start, affect's one text, context from the request's active rows)."""
+        if j == _POP:
+            made, recent = self._pop_made, self._pop_recent_l
+            return [made[recent[r]] for r in rows]
+        if j == _AFFECT:
+            return [made_of(j, {"mood": mood})] * len(rows)
+        if j == _CTX or (j == _SEQ and seq_recent is None) or (j == _NEXT and nxt is None):
+            facts: list[dict] = [{} for _ in rows]
+            self._facts(facts, [j], top, d, ctx_keys, seq_recent, nxt)
+            return [made_of(j, f) for f in facts]
+        memo = d.made.get(j)
+        if memo is None:
+            memo = d.made.setdefault(j, {})
+        out = [memo.get(r, _MISS) for r in rows]
+        miss = [i for i, m in enumerate(out) if m is _MISS]
+        if miss:
+            facts = [{} for _ in miss]
+            self._facts(facts, [j], top if len(miss) == len(rows) else top.take(miss), d, ctx_keys, seq_recent, nxt)
+            room = len(memo) < MADE_PER_STATE
+            for i, f in zip(miss, facts):
+                out[i] = m = made_of(j, f)
+                if room:
+                    memo[rows[i]] = m
         return out
 
-    def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: list[str],
+    def _facts(self, facts: list[dict], signals: list[int], top: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...],
                seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> None:
         """Add to each item's facts those the reasons of `signals` need (see reasons.Facts)."""
         ids, titles = self._id_list, self.catalog.titles

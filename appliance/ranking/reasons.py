@@ -94,33 +94,75 @@ def build_reasons(values: Sequence[float], facts: Facts, order: Sequence[int] | 
 def strong_reasons(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
     """The reasons of the signals that pushed the item up enough (possibly none). Reads the facts of
     those signals only: the ones whose value is not below `reason_floor(max(values))`."""
-    floor = reason_floor(values[order[0]])
-    out: list[Reason] = []
-    named: list[int] = []  # titles already named by a reason
-    for j in order:
-        value = values[j]
-        if value < floor:
-            break
-        made = _TEXT[j](facts)
-        if made is not None:
-            if made[1]:
-                if made[1] in named:
-                    continue  # one reason per named title
-                named.append(made[1])
-            out.append(Reason(made[0], SIGNALS[j], value, made[1]))
-            if len(out) == MAX_REASONS:
-                break
-    return out
+    return [Reason(*r) for r in strong_reason_tuples(values, facts, order)]
 
 
 def fallback_reason(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[Reason]:
     """When no signal made a reason: the strongest positive signal even if small; if none is positive, say
     it is for variety. Reads the facts of any positive signal."""
+    return [Reason(*fallback_reason_tuple(values, facts, order))]
+
+
+ReasonTuple = tuple  # (text, signal, weight, because_item_id): a Reason's fields, in its field order
+
+
+def strong_reason_tuples(values: Sequence[float], facts: Facts, order: Sequence[int]) -> list[ReasonTuple]:
+    """`strong_reasons` as field tuples."""
+    return strong_from_made(values, order, _Made(facts))
+
+
+def fallback_reason_tuple(values: Sequence[float], facts: Facts, order: Sequence[int]) -> ReasonTuple:
+    """`fallback_reason`'s one reason as a field tuple."""
+    return fallback_from_made(values, order, _Made(facts))
+
+
+class _Made:
+    """made[j]: what signal j's text function makes of these facts, (text, named title id) or None."""
+
+    __slots__ = ("facts",)
+
+    def __init__(self, facts: Facts) -> None:
+        self.facts = facts
+
+    def __getitem__(self, j: int) -> tuple[str, int] | None:
+        return _TEXT[j](self.facts)
+
+
+def made_of(j: int, facts: Facts) -> tuple[str, int] | None:
+    """Signal j's (text, named title id) from an item's facts, or None when they do not make one."""
+    return _TEXT[j](facts)
+
+
+def strong_from_made(values: Sequence[float], order: Sequence[int], made) -> list[ReasonTuple]:  # noqa: ANN001
+    """The strong reasons as Reason field tuples, from `made[j]` = made_of(j, the item's facts) (read only
+    for the signals not below the item's floor). The one implementation behind `strong_reasons`."""
+    top = values[order[0]]
+    floor = MIN_SHARE * top if MIN_SHARE * top > MIN_ABS else MIN_ABS  # reason_floor(top), inlined
+    out: list[ReasonTuple] = []
+    named: list[int] = []  # titles already named by a reason
     for j in order:
-        made = _TEXT[j](facts) if values[j] > 0 else None
-        if made is not None:
-            return [Reason(made[0], SIGNALS[j], float(values[j]), made[1])]
-    return [Reason("Something different to try", SIGNALS[order[0]], float(values[order[0]]), 0)]
+        value = values[j]
+        if value < floor:
+            break
+        m = made[j]
+        if m is not None:
+            if m[1]:
+                if m[1] in named:
+                    continue  # one reason per named title
+                named.append(m[1])
+            out.append((m[0], SIGNALS[j], value, m[1]))
+            if len(out) == MAX_REASONS:
+                break
+    return out
+
+
+def fallback_from_made(values: Sequence[float], order: Sequence[int], made) -> ReasonTuple:  # noqa: ANN001
+    """`fallback_reason`'s reason as a field tuple, from `made[j]` (read only for positive signals)."""
+    for j in order:
+        m = made[j] if values[j] > 0 else None
+        if m is not None:
+            return (m[0], SIGNALS[j], float(values[j]), m[1])
+    return ("Something different to try", SIGNALS[order[0]], float(values[order[0]]), 0)
 
 
 def reason_floor(top: float) -> float:

@@ -32,6 +32,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from appliance.errors import ValidationError
+from appliance.ranking.reasons import SIGNALS
 from appliance.v1 import common_pb2, ranker_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -220,6 +221,7 @@ class ResponseEncoder:
         self._contrib: dict[str, bytes] = {}
         self._signal_field: dict[str, bytes] = {}
         self._contrib_struct: dict[tuple[str, ...], Callable[[list[float]], bytes]] = {}
+        self._signals_packer: Callable[[list[float]], bytes] | None = None
         self._lock = threading.Lock()
 
     def _head(self, item_id: int, title: str) -> bytes:
@@ -267,24 +269,31 @@ class ResponseEncoder:
         return p
 
     def item(self, it) -> bytes:  # noqa: ANN001 - appliance.ranking.RankedItem
-        pack = _F32.pack
-        parts = [self._head(it.item_id, it.title)]
-        f = pack(it.score)
-        if f != _ZERO32:  # protobuf leaves out a float whose bits are 0 (-0.0 is kept)
-            parts += (self._t_score, f)
-        heads, because = self._reason_heads, self._because
-        for r in it.reasons:
-            body = heads.get((r.text, r.signal)) or self._reason_head(r.text, r.signal)
-            f = pack(r.weight)
-            if f != _ZERO32:
-                body += self._t_r_weight + f
-            b = r.because_item_id
-            if b:
-                body += because.get(b) or self._because_field(b)
-            parts.append(_ld(self._t_reason, body))
         contrib = it.contributions
         packer = self._contrib_struct.get(tuple(contrib)) or self._contrib_packer(tuple(contrib))
-        parts.append(packer(list(contrib.values())))  # every contribution in one call, zeros written out too
+        return self._item(it.item_id, it.title, it.score, list(contrib.values()),
+                          [(r.text, r.signal, r.weight, r.because_item_id) for r in it.reasons], packer)
+
+    def _item(self, item_id: int, title: str, score: float, values: list[float], reasons: list[tuple],
+              packer: Callable[[list[float]], bytes]) -> bytes:
+        """One RankedItem: reasons as (text, signal, weight, because_item_id) tuples, the contribution values
+        in the order `packer` was made for."""
+        pack = _F32.pack
+        parts = [self._heads.get((item_id, title)) or self._head(item_id, title)]
+        f = pack(score)
+        if f != _ZERO32:  # protobuf leaves out a float whose bits are 0 (-0.0 is kept)
+            parts += (self._t_score, f)
+        heads, because, t_reason = self._reason_heads, self._because, self._t_reason
+        for text, signal, weight, b in reasons:
+            body = heads.get((text, signal)) or self._reason_head(text, signal)
+            f = pack(weight)
+            if f != _ZERO32:
+                body += self._t_r_weight + f
+            if b:
+                body += because.get(b) or self._because_field(b)
+            n = len(body)
+            parts.append(bytes((t_reason, n)) + body if n < 0x80 else _ld(t_reason, body))  # _ld, inlined
+        parts.append(packer(values))  # every contribution in one call, zeros written out too
         return _ld(self._t_item, b"".join(parts))
 
     def _contrib_packer(self, names: tuple[str, ...]) -> Callable[[list[float]], bytes]:
@@ -301,8 +310,16 @@ class ResponseEncoder:
         return packer
 
     def response(self, result) -> bytes:  # noqa: ANN001 - appliance.ranking.RankResult
-        """The RankResponse of a ranking, without affect_age_s (see `with_age`)."""
-        parts = [self.item(it) for it in result.items]
+        """The RankResponse of a ranking, without affect_age_s (see `with_age`). A ranking that carries its
+        items as columns (`result.explained`) is encoded from them, without making the item objects."""
+        ex = getattr(result, "explained", None)
+        if ex is not None:
+            packer = self._signals_packer or self._make_signals_packer()
+            item = self._item
+            parts = [item(i, t, s, v, rs, packer)
+                     for i, t, s, v, rs in zip(ex.ids, ex.titles, ex.scores, ex.values, ex.reasons)]
+        else:
+            parts = [self.item(it) for it in result.items]
         if result.model_version:
             parts.append(_ld(self._t_version, result.model_version.encode()))
         if result.affect_used:
@@ -310,6 +327,11 @@ class ResponseEncoder:
         if result.mood:
             parts.append(_ld(self._t_mood, result.mood.encode()))
         return b"".join(parts)
+
+    def _make_signals_packer(self) -> Callable[[list[float]], bytes]:
+        """The packer of the ranker's contributions (every signal, in SIGNALS order)."""
+        self._signals_packer = self._contrib_struct.get(SIGNALS) or self._contrib_packer(SIGNALS)
+        return self._signals_packer
 
 
 _ENCODER = ResponseEncoder()
@@ -321,28 +343,40 @@ def encode_response(result) -> bytes:  # noqa: ANN001 - appliance.ranking.RankRe
 
 
 class RankCache:
-    """Per-session LRU of serialized answers, each valid for one (profile version, session version)."""
+    """Per-session LRU of serialized answers, each valid for one (profile version, session version).
+
+    A session's entries are a short list scanned with `==` (most recent last), not a dict: a key holds the
+    request's 8 KB of candidate ids, and hashing them costs ~5 us per Rank where comparing them with the few
+    stored keys stops at the first differing byte."""
 
     def __init__(self, per_session: int = 8, max_sessions: int = 256) -> None:
         self.per_session, self.max_sessions = per_session, max_sessions
-        self._by_session: OrderedDict[str, OrderedDict[tuple, tuple[int, int, bytes]]] = OrderedDict()
+        self._by_session: OrderedDict[str, list[tuple[tuple, int, int, bytes]]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    @staticmethod
+    def _find(entries: list, key: tuple) -> int:
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i][0] == key:
+                return i
+        return -1
 
     def get(self, session_id: str, key: tuple, versions: tuple[int, int]) -> bytes | None:
         if self.per_session <= 0:
             return None
         with self._lock:
             entries = self._by_session.get(session_id)
-            entry = entries.get(key) if entries is not None else None
-            if entry is None or (entry[0], entry[1]) != versions:
+            i = self._find(entries, key) if entries is not None else -1
+            if i < 0 or (entries[i][1], entries[i][2]) != versions:
                 self.misses += 1
                 return None
-            entries.move_to_end(key)
+            entry = entries.pop(i)
+            entries.append(entry)
             self._by_session.move_to_end(session_id)
             self.hits += 1
-            return entry[2]
+            return entry[3]
 
     def peek(self, session_id: str, key: tuple) -> tuple[int, int, bytes] | None:
         """The entry for this request whatever its versions (it was validated when it was stored)."""
@@ -350,7 +384,8 @@ class RankCache:
             return None
         with self._lock:
             entries = self._by_session.get(session_id)
-            return entries.get(key) if entries is not None else None
+            i = self._find(entries, key) if entries is not None else -1
+            return entries[i][1:] if i >= 0 else None
 
     def put(self, session_id: str, key: tuple, versions: tuple[int, int], payload: bytes) -> None:
         if self.per_session <= 0:
@@ -358,15 +393,17 @@ class RankCache:
         with self._lock:
             entries = self._by_session.get(session_id)
             if entries is None:
-                entries = self._by_session[session_id] = OrderedDict()
+                entries = self._by_session[session_id] = []
                 while len(self._by_session) > self.max_sessions:
                     self._by_session.popitem(last=False)
             else:
                 self._by_session.move_to_end(session_id)
-            entries[key] = (versions[0], versions[1], payload)
-            entries.move_to_end(key)
-            while len(entries) > self.per_session:
-                entries.popitem(last=False)
+                i = self._find(entries, key)
+                if i >= 0:
+                    del entries[i]
+            entries.append((key, versions[0], versions[1], payload))
+            if len(entries) > self.per_session:
+                del entries[: len(entries) - self.per_session]
 
     def drop(self, session_ids) -> None:  # noqa: ANN001 - an iterable of session ids
         with self._lock:

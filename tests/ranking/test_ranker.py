@@ -300,3 +300,27 @@ def test_prepared_state_ranks_exactly_like_a_fresh_derivation(ranker, catalog):
     s.apply_event(SKIP, top, 1_800_000_000_000)
     assert top not in [i.item_id for i in ranker.rank(p, s, None, False, ctx, cands, 10, 0).items]
     assert s.ranker_cache[1:3] == (p.version, s.version)
+
+
+def test_reason_texts_kept_per_state_match_freshly_made_ones(ranker, catalog) -> None:
+    """The reason texts kept per state and title (Ranker._made) give, Rank after Rank, exactly the items
+    and reasons a Rank that derives the state afresh gives."""
+    rng = np.random.default_rng(5)
+    hist = rng.choice(catalog.ids, 30, replace=False)
+    states = []
+    for _ in range(2):  # the same history twice: one state keeps what it made, the other starts afresh
+        p, s = ProfileState("p", catalog), SessionState("p", "s", catalog)
+        _apply(p, s, [((PLAY, LIKE, COMPLETE, SKIP)[k % 4], int(i)) for k, i in enumerate(hist)])
+        states.append((p, s))
+    (p1, s1), (p2, s2) = states
+    ctx = RankContext(device=2, local_hour=23, weekday=5, max_maturity=5)
+    for _ in range(80):
+        cands = rng.choice(catalog.ids, 300, replace=False)
+        affect = _upbeat() if rng.random() < 0.3 else None
+        kept = ranker.rank(p1, s1, affect, True, ctx, cands, 10, NOW)
+        s2.ranker_cache = None
+        fresh = ranker.rank(p2, s2, affect, True, ctx, cands, 10, NOW)
+        assert [(it.item_id, it.score, it.contributions, it.reasons) for it in kept.items] == \
+            [(it.item_id, it.score, it.contributions, it.reasons) for it in fresh.items]
+    made = s1.ranker_cache[3].made
+    assert sum(len(m) for m in made.values()) > 100  # many titles' texts were kept and reused

@@ -14,7 +14,13 @@ from appliance.fusion.state import COMPLETE, LIKE, SKIP, AffectState, ProfileSta
 from appliance.ranking import RankContext
 from appliance.ranking.ranker import RankedItem, RankResult
 from appliance.ranking.reasons import Reason
-from appliance.serving.rankpath import encode_response, encode_varint, parse_rank_request, with_age
+from appliance.serving.rankpath import (
+    RankCache,
+    encode_response,
+    encode_varint,
+    parse_rank_request,
+    with_age,
+)
 from appliance.serving.services import add_ranked_items
 from appliance.v1 import common_pb2, ranker_pb2
 
@@ -49,8 +55,13 @@ def test_encoded_response_parses_to_the_reference_message(real_ranker, seed):
                       max_maturity=int(rng.integers(1, 6)))
     cands = None if seed % 4 == 0 else rng.choice(cat.ids, 600, replace=False)
     result = real_ranker.rank(p, s, affect, affect is not None, ctx, cands, int(rng.integers(1, 40)), 10**9)
+    assert result.explained is not None  # the ranker hands its items over as columns ...
+    payload = encode_response(result)
     assert result.items
-    assert ranker_pb2.RankResponse.FromString(encode_response(result)) == _reference(result)
+    assert ranker_pb2.RankResponse.FromString(payload) == _reference(result)
+    # ... and the columns encode to the very bytes the RankedItem objects encode to
+    assert encode_response(RankResult(result.items, result.affect_used, result.affect_age_s, result.mood,
+                                      result.model_version)) == payload
     aged = ranker_pb2.RankResponse.FromString(with_age(encode_response(result), 0.25))
     assert aged.affect_age_s == pytest.approx(0.25) and list(aged.items) == list(_reference(result).items)
 
@@ -135,3 +146,24 @@ def test_rank_context_per_minute_matches_a_fresh_one():
     for _ in range(2):
         with pytest.raises(ValidationError):
             rank_context(1, 1_750_000_000_000, 24 * 60 + 1, 4, "adult")
+
+
+def test_rank_cache_is_a_per_session_lru_keyed_by_request_and_versions():
+    cache = RankCache(per_session=2, max_sessions=2)
+    ids = np.arange(1, 1001, dtype="<i8").tobytes()
+    key = (10, "ctx", ids)
+    cache.put("s1", key, (1, 1), b"a")
+    assert cache.get("s1", (10, "ctx", bytes(ids)), (1, 1)) == b"a"  # equal keys, not the same objects
+    assert cache.get("s1", key, (1, 2)) is None and cache.peek("s1", key) == (1, 1, b"a")  # stale versions
+    assert cache.get("s1", (10, "ctx", ids[:-8]), (1, 1)) is None and cache.get("s2", key, (1, 1)) is None
+    cache.put("s1", key, (1, 2), b"b")  # the same request again replaces its entry
+    assert len(cache) == 1 and cache.get("s1", key, (1, 2)) == b"b"
+    cache.put("s1", (9, "ctx", ids), (1, 2), b"c")
+    cache.get("s1", key, (1, 2))  # now the most recent of the two
+    cache.put("s1", (8, "ctx", ids), (1, 2), b"d")  # evicts the least recently used: k=9
+    assert cache.peek("s1", (9, "ctx", ids)) is None and cache.peek("s1", key) == (1, 2, b"b")
+    cache.put("s2", key, (0, 0), b"e")
+    cache.put("s3", key, (0, 0), b"f")  # a third session evicts the oldest, s1
+    assert cache.peek("s1", key) is None and len(cache) == 2
+    cache.drop(["s2", "s3"])
+    assert len(cache) == 0 and (cache.hits, cache.misses) == (3, 3)
