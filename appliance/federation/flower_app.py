@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -55,12 +56,15 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from appliance.federation import packing
 from appliance.federation.accounting import PrivacyLedger, calibrate_noise
 from appliance.federation.model import HeadShape, client_update, round_subset, subset_size
 from appliance.federation.segments import secure_rng
@@ -82,6 +86,7 @@ class RunSettings:
     cohort: int = 3                    # m boxes per round (fixed size, without replacement)
     sampling: str = "fixed_size"      # or "full": cohort == population, fixed denominator (accounting)
     compression: float = 16.0          # dense float32 bytes of the head / SecAgg+ upload bytes
+    pack: int = 1                      # quantised values per SecAgg+ integer (`packing`; 1: Flower's own quantisation)
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
@@ -137,11 +142,12 @@ class RunResult:
     settings: dict[str, Any]
     noise_multiplier: float
     federated_params: int
-    subset_k: int
+    subset_k: int                      # coordinates of the head a round moves
     rounds: list[RoundRecord] = field(default_factory=list)
     stopped: str = ""
     seconds: float = 0.0
     head: np.ndarray | None = field(default=None, repr=False)  # the final head (written as head.npy)
+    upload_ints: int = 0               # SecAgg+ coordinates a box uploads for them (subset_k / pack, + 1 weight not counted)
 
     @property
     def epsilon(self) -> float:
@@ -199,14 +205,36 @@ def load_node_data(node_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray,
     return queries, targets, items
 
 
+def packing_mod(msg, ctxt: Context, call_next):
+    """Between SecAgg+ and clipping: when the round asks for it (config `pack-fields` > 1), quantise the
+    box's *clipped* sub-vector and pack `pack-fields` values per SecAgg+ integer (`packing.encode`);
+    the dequantised vector that enters the sum keeps L2 norm <= the clipping norm, so the DP noise and
+    the accounting are those of the unpacked update. Anything else passes through untouched."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    fields = int(fit_ins.config.get("pack-fields", 1))
+    out = call_next(msg, ctxt)
+    if fields <= 1 or out.has_error():
+        return out
+    clip = float(fit_ins.config[KEY_CLIPPING_NORM])
+    spec = packing.plan(fields, int(fit_ins.config["pack-boxes"]), clip)
+    fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    (update,) = parameters_to_ndarrays(fit_res.parameters)
+    fit_res.parameters = ndarrays_to_parameters([packing.encode(update, spec, clip, secure_rng())])
+    out.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return out
+
+
 def make_client_app(data_fn=load_node_data, outer_mods=()) -> ClientApp:
-    """ClientApp whose box data comes from `data_fn(node_config)`; SecAgg+ first, then clipping.
-    `outer_mods` go before SecAgg+ (they see what leaves the box: meters, fault injection in tests)."""
+    """ClientApp whose box data comes from `data_fn(node_config)`; SecAgg+ first, then packing (a no-op
+    unless the round asks for it), then clipping. `outer_mods` go before SecAgg+ (they see what leaves
+    the box: meters, fault injection in tests)."""
 
     def client_fn(context: Context):
         return HeadClient(*data_fn(context.node_config)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secaggplus_mod, fixedclipping_mod])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secaggplus_mod, packing_mod, fixedclipping_mod])
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -228,7 +256,11 @@ class SubsetFedAvg(FedAvg):
                          initial_parameters=ndarrays_to_parameters([theta0]), accept_failures=True)
         self.settings = settings
         self.shape = settings.shape
-        self.k = subset_size(self.shape.n_params, settings.compression)
+        self.k = subset_size(self.shape.n_params, settings.compression, settings.pack)
+        self.spec = packing.plan(settings.pack, settings.cohort, settings.clip) if settings.pack > 1 else None
+        if self.spec is not None:
+            packing.check_norm_room(self.spec, self.k, settings.clip)
+        self.upload_ints = self.spec.packed_len(self.k) if self.spec else self.k  # SecAgg+ coordinates (+1 weight)
         self.theta = np.asarray(theta0, dtype=np.float64)
         self.last_sampled = 0
 
@@ -249,6 +281,7 @@ class SubsetFedAvg(FedAvg):
             "n-items": s.n_items, "dim": s.dim, "rank": s.rank, "n-feat": s.n_feat,
             "lr": s.lr, "lr-adapter": s.lr_adapter, "lr-features": s.lr_features, "local-epochs": s.local_epochs, "batch": s.batch,
             "global": self.theta.astype(np.float32).tobytes(),
+            "pack-fields": s.pack, "pack-boxes": s.cohort,
         }
         ins = FitIns(ndarrays_to_parameters([np.zeros(self.k)]), config)
         self.last_sampled = len(clients)
@@ -303,6 +336,11 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
         # SecAgg+ hands every surviving box's FitRes the same unmasked mean of the survivors' updates
         mean = parameters_to_ndarrays(results[0][1].parameters)[0].astype(np.float64)
         m = len(results)
+        if self.inner.spec is not None:
+            # packed: SecAgg+'s "mean" is that of the packed integers; unpack the exact integer sum into
+            # the sum of the boxes' dequantised updates (each of L2 norm <= C, `packing.encode`), so
+            # the noise below is calibrated to the same sensitivity C as without packing
+            mean = packing.unpack_mean(mean, m, self.inner.k, self.inner.spec) / m
         # full participation: the sum over the fixed, public denominator (the planned cohort), so that
         # one box more or less moves the release by at most C / denominator (accounting, "full")
         denominator = self.ledger.cohort if self.ledger.sampling == "full" else m
@@ -318,6 +356,11 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
 
 
 def secagg_workflow(s: RunSettings) -> SecAggPlusWorkflow:
+    if s.pack > 1:
+        # packed integers: SecAgg+ must map each one 1:1 (quantiser scale 1.0) and sum them without wrap
+        ranges = packing.plan(s.pack, s.cohort, s.clip).secagg_ranges()
+        return SecAggPlusWorkflow(num_shares=s.num_shares, reconstruction_threshold=s.reconstruction_threshold,
+                                  max_weight=1.0, timeout=s.timeout, **ranges)
     if (s.cohort + 1) * s.quantization_range >= SECAGG_MODULUS:
         raise ValueError(f"a cohort of {s.cohort} overflows SecAgg+'s 2^32 modulus at quantization range "
                          f"{s.quantization_range}: lower quantization_range")
@@ -346,7 +389,7 @@ def run_server(grid: Grid, context: Context, rng=None, audit: Audit | None = Non
                            strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg_workflow(s))(grid, legacy)
     result = RunResult(settings=asdict(s), noise_multiplier=z, federated_params=s.shape.n_params,
-                       subset_k=inner.k, rounds=strategy.records, stopped=strategy.stopped,
+                       subset_k=inner.k, upload_ints=inner.upload_ints, rounds=strategy.records, stopped=strategy.stopped,
                        seconds=round(time.monotonic() - t0, 3), head=inner.theta)
     if s.out_dir:
         out = Path(s.out_dir)

@@ -181,15 +181,18 @@ def clip_l2(update: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return np.asarray(update, dtype=np.float64) * scale, norm
 
 
-def subset_size(n_params: int, compression: float) -> int:
+def subset_size(n_params: int, compression: float, pack: int = 1) -> int:
     """Coordinates per round so that the SecAgg+ upload (int64 per coordinate, plus the one weight
-    coordinate SecAgg+ prepends) is `compression` times smaller than dense float32 of all n_params."""
+    coordinate SecAgg+ prepends) is `compression` times smaller than dense float32 of all n_params.
+    With `pack` values per SecAgg+ integer (`packing`) the same upload carries `pack` times as many."""
     if compression < 1:
         raise ValueError("compression must be >= 1")
+    if pack < 1:
+        raise ValueError("pack must be >= 1")
     k = int(n_params * DENSE_BYTES_PER_PARAM // (SECAGG_BYTES_PER_PARAM * compression)) - 1
     if k < 1:
         raise ValueError(f"{n_params} parameters cannot be compressed {compression}x")
-    return k
+    return min(k * pack, n_params)
 
 
 def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always: int = 0) -> np.ndarray:

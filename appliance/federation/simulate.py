@@ -133,7 +133,7 @@ def metrics10(shape: HeadShape, theta: np.ndarray, data: FleetData, users: np.nd
 
 def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, rounds: int = 20,
              epsilon: float = 2.0, delta: float = 1e-5, clip: float = 0.25, cohort: int | None = None,
-             compression: float = 12.0, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
+             compression: float = 12.0, pack: int = 2, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
              lr: float = 5.0, lr_adapter: float = 0.05, lr_features: float = 0.5, features: bool = True,
              server_lr: float = 5.0, server_shrink: float = 0.0,
              central_epochs: int = 2, panel_share: float = 0.2, start_bundle: Path | None = None,
@@ -163,7 +163,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     shares, threshold = auto_num_shares(m)
     s = RunSettings(rounds=rounds, epsilon=epsilon, delta=delta, clip=clip, population=n, cohort=m,
                     sampling=participation(n, m),
-                    compression=compression, run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
+                    compression=compression, pack=pack, run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
                     n_items=shape.n_items, dim=shape.dim, rank=rank, n_feat=n_feat, head_seed=seed, lr=lr,
                     lr_adapter=lr_adapter, lr_features=lr_features,
                     server_lr=server_lr, server_shrink=server_shrink, local_epochs=local_epochs, timeout=120.0)
@@ -218,7 +218,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "validation_panel_users.NDCG@10": validation,
         "panel_users": int(len(split.panel)),
         "upload_bytes_per_client_round": up,
-        "upload_payload_bytes_per_client_round": (res.subset_k + 1) * SECAGG_BYTES_PER_PARAM,
+        "upload_payload_bytes_per_client_round": (res.upload_ints + 1) * SECAGG_BYTES_PER_PARAM,
         "upload_bytes_per_client_round_all_secagg_stages": int(np.median(uploads_all)) if uploads_all else 0,
         "dense_bytes_per_client_round": dense,
         "upload_ratio": round(dense / up, 2) if up else None,
@@ -229,11 +229,13 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "noise_std_per_round": [r.noise_std for r in res.rounds],
         "survivors_per_round": [r.survivors for r in res.rounds],
         "subset_k": res.subset_k,
+        "secagg_ints_per_client_round": res.upload_ints + 1,
+        "packing": _packing_desc(pack, m, clip),
         "num_shares": shares,
         "reconstruction_threshold": threshold,
         "federated_parts": {"title_bias": shape.n_items, "query_adapter": 2 * shape.dim * rank,
                             "feature_weights": n_feat},
-        "settings": {"clip": clip, "compression": compression, "rank": rank, "max_examples": max_examples,
+        "settings": {"clip": clip, "compression": compression, "pack": pack, "rank": rank, "max_examples": max_examples,
                      "local_epochs": local_epochs, "lr": lr, "lr_adapter": lr_adapter, "lr_features": lr_features,
                      "server_lr": server_lr,
                      "server_shrink": server_shrink, "central_epochs": central_epochs, "seed": seed},
@@ -247,6 +249,21 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
                       "users outside the central panel",
     }
     return out
+
+
+def _packing_desc(pack: int, cohort: int, clip: float) -> dict[str, Any]:
+    if pack <= 1:
+        return {"fields_per_secagg_int": 1, "note": "Flower's own quantisation of the clipped floats (2^22 levels)"}
+    from appliance.federation.packing import plan
+
+    spec = plan(pack, cohort, clip)
+    return {"fields_per_secagg_int": spec.fields, "bits_per_value": spec.bits, "headroom_bits": spec.headroom,
+            "field_shift": spec.shift, "levels": spec.top + 1, "step": spec.step, "value_range": spec.value_range,
+            "secagg_modulus_bits": spec.modulus.bit_length() - 1,
+            "note": "each box quantises its clipped sub-vector to 2^q - 1 levels on [-C, C] (stochastic "
+                    "rounding, dequantised norm kept <= C) and packs `fields` values per SecAgg+ integer "
+                    "with ceil(log2(cohort)) headroom bits each; the server unpacks the exact integer sum "
+                    "and adds the same N(0, (z C)^2) noise: accounting unchanged (appliance/federation/packing.py)"}
 
 
 def read_users(interactions: Path) -> np.ndarray:
