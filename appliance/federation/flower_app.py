@@ -87,6 +87,7 @@ class RunSettings:
     sampling: str = "fixed_size"      # or "full": cohort == population, fixed denominator (accounting)
     compression: float = 16.0          # dense float32 bytes of the head / SecAgg+ upload bytes
     pack: int = 1                      # quantised values per SecAgg+ integer (`packing`; 1: Flower's own quantisation)
+    always_rows: str = ""              # comma-separated title rows whose biases are in every round's subset (public)
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
@@ -125,6 +126,10 @@ class RunSettings:
     @property
     def shape(self) -> HeadShape:
         return HeadShape(self.n_items, self.dim, self.rank, self.n_feat)
+
+    @property
+    def fixed(self) -> np.ndarray | None:
+        return np.array([int(r) for r in self.always_rows.split(",")], dtype=np.int64) if self.always_rows else None
 
 
 @dataclass
@@ -185,8 +190,9 @@ class HeadClient(NumPyClient):
         if theta.shape != (shape.n_params,) or len(parameters) != 1 or parameters[0].shape != (k,):
             raise ValueError("round instructions do not match the head")
         server_round = int(config["round"])
+        fixed = np.frombuffer(config["fixed"], dtype=np.int32).astype(np.int64) if config.get("fixed") else None
         sub, _ = client_update(shape, theta, self.queries, self.targets, self.items,
-                               server_round=server_round, run_seed=int(config["run-seed"]), k=k,
+                               server_round=server_round, run_seed=int(config["run-seed"]), k=k, fixed=fixed,
                                clip=float(config["clipping_norm"]), lr=float(config["lr"]),
                                lr_adapter=float(config["lr-adapter"]), lr_features=float(config["lr-features"]),
                                epochs=int(config["local-epochs"]), batch=int(config["batch"]), seed=server_round,
@@ -283,6 +289,8 @@ class SubsetFedAvg(FedAvg):
             "global": self.theta.astype(np.float32).tobytes(),
             "pack-fields": s.pack, "pack-boxes": s.cohort,
         }
+        if s.fixed is not None:
+            config["fixed"] = s.fixed.astype(np.int32).tobytes()
         ins = FitIns(ndarrays_to_parameters([np.zeros(self.k)]), config)
         self.last_sampled = len(clients)
         return [(c, ins) for c in clients]
@@ -292,7 +300,7 @@ class SubsetFedAvg(FedAvg):
         std, a public number) is post-processing of the DP release: it zeroes the coordinates where
         the mean is indistinguishable from noise (titles few boxes watched) and keeps the rest."""
         idx = round_subset(self.shape.n_params, self.k, server_round, self.settings.run_seed,
-                           always=self.shape.n_feat)
+                           always=self.shape.n_feat, fixed=self.settings.fixed)
         self.theta = self.theta.copy()
         self.theta[idx] += self.settings.server_lr * soft_threshold(mean_update, self.settings.server_shrink * noise_std)
         return self.theta

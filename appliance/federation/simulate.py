@@ -60,6 +60,7 @@ class FleetData:
     histories: list[np.ndarray]                 # bundle rows each box has seen (excluded when ranking)
     targets: np.ndarray                         # test title (bundle row, -1 = not in the bundle)
     features: np.ndarray | None = None          # [n_items, n_feat] public title features (panel.title_features)
+    popularity: np.ndarray | None = None        # [n_items] the panel's log1p(interactions) per title (public)
 
 
 def auto_num_shares(cohort: int) -> tuple[float | int, float | int]:
@@ -110,7 +111,7 @@ def load_fleet(interactions: Path, bundle_dir: Path, nodes: int | None, max_exam
     from appliance.federation.panel import title_features
 
     return FleetData(seq.table.astype(np.float64), boxes, eval_q, hists, np.array(targets, dtype=np.int64),
-                     title_features(bundle))
+                     title_features(bundle), bundle.popularity[:, 0].astype(np.float64))
 
 
 def metrics10(shape: HeadShape, theta: np.ndarray, data: FleetData, users: np.ndarray) -> dict[str, float]:
@@ -133,7 +134,7 @@ def metrics10(shape: HeadShape, theta: np.ndarray, data: FleetData, users: np.nd
 
 def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, rounds: int = 20,
              epsilon: float = 2.0, delta: float = 1e-5, clip: float = 0.25, cohort: int | None = None,
-             compression: float = 12.0, pack: int = 2, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
+             compression: float = 12.0, pack: int = 2, always_popular: int = 0, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
              lr: float = 5.0, lr_adapter: float = 0.05, lr_features: float = 0.5, features: bool = True,
              server_lr: float = 5.0, server_shrink: float = 0.0,
              central_epochs: int = 2, panel_share: float = 0.2, start_bundle: Path | None = None,
@@ -161,9 +162,11 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     shape = HeadShape(data.items.shape[0], data.items.shape[1], rank, n_feat)
     feats = data.features.astype(np.float32) if n_feat else None
     shares, threshold = auto_num_shares(m)
+    # the biases of the panel's most watched titles in every round (public: the start bundle's popularity)
+    popular = np.sort(np.argsort(-data.popularity, kind="stable")[:always_popular]) if always_popular else []
     s = RunSettings(rounds=rounds, epsilon=epsilon, delta=delta, clip=clip, population=n, cohort=m,
                     sampling=participation(n, m),
-                    compression=compression, pack=pack, run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
+                    compression=compression, pack=pack, always_rows=",".join(str(int(r)) for r in popular), run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
                     n_items=shape.n_items, dim=shape.dim, rank=rank, n_feat=n_feat, head_seed=seed, lr=lr,
                     lr_adapter=lr_adapter, lr_features=lr_features,
                     server_lr=server_lr, server_shrink=server_shrink, local_epochs=local_epochs, timeout=120.0)
@@ -235,7 +238,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "reconstruction_threshold": threshold,
         "federated_parts": {"title_bias": shape.n_items, "query_adapter": 2 * shape.dim * rank,
                             "feature_weights": n_feat},
-        "settings": {"clip": clip, "compression": compression, "pack": pack, "rank": rank, "max_examples": max_examples,
+        "settings": {"clip": clip, "compression": compression, "pack": pack, "always_popular": always_popular, "rank": rank, "max_examples": max_examples,
                      "local_epochs": local_epochs, "lr": lr, "lr_adapter": lr_adapter, "lr_features": lr_features,
                      "server_lr": server_lr,
                      "server_shrink": server_shrink, "central_epochs": central_epochs, "seed": seed},
