@@ -4,14 +4,19 @@ Flower 1.41 runs secure aggregation only through its legacy API, so this is the 
 combination (Flower's `fl-dp-sa` example), adapted to what the appliance needs:
 
 ClientApp (one per box)
-    mods = [secaggplus_mod, fixedclipping_mod]: SecAgg+ outermost, clipping next to the box's own code.
-    The box receives the global head as bytes in the round's config, trains on its own history, and
-    returns only this round's aligned coordinate subset of its delta (k numbers, `model.round_subset`).
-    The FitIns parameters are k zeros, so `fixedclipping_mod` (which clips result - FitIns) clips exactly
-    the delta sub-vector to L2 norm C, and every value SecAgg+ quantises lies in [-C, C]
-    (clipping_range = C: SecAgg+'s own value clipping never bites). `num_examples` is always 1 and
-    `max_weight` 1 (a larger max_weight scales values down before quantisation and loses precision);
-    no metrics are returned (the server would see them unmasked).
+    mods = [secaggplus_mod, packing_mod, fixedclipping_mod]: SecAgg+ outermost, clipping next to the
+    box's own code. The box receives the global head as bytes in the round's config, trains on its own
+    history, and returns only this round's aligned coordinate subset of its delta (k numbers,
+    `model.round_subset`). The FitIns parameters are k zeros, so `fixedclipping_mod` (which clips
+    result - FitIns) clips exactly the delta sub-vector to L2 norm C.
+    pack = 1: every value SecAgg+ quantises lies in [-C, C] (clipping_range = C: SecAgg+'s own value
+    clipping never bites) and `packing_mod` passes the update through.
+    pack = F > 1 (`packing`): `packing_mod` quantises the clipped sub-vector itself (dequantised L2 norm
+    still <= C) and packs F values per SecAgg+ integer; SecAgg+ is set up to carry those integers 1:1
+    (quantiser scale 1.0, modulus above the cohort's sum), so a round moves F times the coordinates for
+    the same upload, and the server unpacks the exact integer sum before it adds the noise.
+    `num_examples` is always 1 and `max_weight` 1 (a larger max_weight scales values down before
+    quantisation and loses precision); no metrics are returned (the server would see them unmasked).
 
 ServerApp (the cloud aggregator)
     DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...)) over a legacy strategy:
@@ -27,7 +32,9 @@ ServerApp (the cloud aggregator)
       - draws its noise from the OS's entropy, not from a seedable generator.
     Every wait is bounded: SecAgg+ stage timeout, cohort wait, round timeout.
 
-Accounting note: noise is calibrated for the planned cohort; a round that loses boxes still adds noise
+Accounting note: packing changes the encoding, not the mechanism: the sum the server unpacks is the sum
+of the boxes' dequantised updates, each of L2 norm <= C, and the noise is N(0, (z C)^2) on that sum as
+without packing. Noise is calibrated for the planned cohort; a round that loses boxes still adds noise
 of standard deviation z*C to their sum, so each round is the accounted mechanism (or better).
 """
 
