@@ -224,7 +224,7 @@ def federation_simulate(
         cohort: int | None = typer.Option(None, help="boxes per round (default: all)"),
         compression: float = typer.Option(12.0, help="dense float32 bytes / SecAgg+ update payload"),
         pack: int = typer.Option(2, help="quantised values packed per SecAgg+ integer (1: no packing)"),
-        always_popular: int = typer.Option(0, help="biases of the panel's N most watched titles in every round"),
+        always_popular: int = typer.Option(300, help="biases of the panel's N most watched titles in every round"),
         lr: float = typer.Option(5.0, help="boxes' local step on the title biases"),
         lr_adapter: float = typer.Option(0.05, help="boxes' local step on the query adapter"),
         lr_features: float = typer.Option(0.5, help="boxes' local step on the title-feature weights"),
