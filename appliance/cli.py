@@ -223,6 +223,8 @@ def federation_simulate(
         clip: float = typer.Option(0.25, help="L2 bound C of one box's update"),
         cohort: int | None = typer.Option(None, help="boxes per round (default: all)"),
         compression: float = typer.Option(12.0, help="dense float32 bytes / SecAgg+ update payload"),
+        pack: int = typer.Option(2, help="quantised values packed per SecAgg+ integer (1: no packing)"),
+        always_popular: int = typer.Option(300, help="biases of the panel's N most watched titles in every round"),
         lr: float = typer.Option(5.0, help="boxes' local step on the title biases"),
         lr_adapter: float = typer.Option(0.05, help="boxes' local step on the query adapter"),
         lr_features: float = typer.Option(0.5, help="boxes' local step on the title-feature weights"),
@@ -236,7 +238,7 @@ def federation_simulate(
     from appliance.federation.simulate import simulate, write_json
 
     result = simulate(interactions, bundle, nodes=nodes, rounds=rounds, epsilon=epsilon, delta=delta,
-                      clip=clip, cohort=cohort, compression=compression, lr=lr, lr_adapter=lr_adapter,
+                      clip=clip, cohort=cohort, compression=compression, pack=pack, always_popular=always_popular, lr=lr, lr_adapter=lr_adapter,
                       lr_features=lr_features, local_epochs=local_epochs, server_lr=server_lr, server_shrink=server_shrink,
                       panel_share=panel_share, start_bundle=start_bundle, dropout=dropout, seed=seed,
                       log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -4,14 +4,19 @@ Flower 1.41 runs secure aggregation only through its legacy API, so this is the 
 combination (Flower's `fl-dp-sa` example), adapted to what the appliance needs:
 
 ClientApp (one per box)
-    mods = [secaggplus_mod, fixedclipping_mod]: SecAgg+ outermost, clipping next to the box's own code.
-    The box receives the global head as bytes in the round's config, trains on its own history, and
-    returns only this round's aligned coordinate subset of its delta (k numbers, `model.round_subset`).
-    The FitIns parameters are k zeros, so `fixedclipping_mod` (which clips result - FitIns) clips exactly
-    the delta sub-vector to L2 norm C, and every value SecAgg+ quantises lies in [-C, C]
-    (clipping_range = C: SecAgg+'s own value clipping never bites). `num_examples` is always 1 and
-    `max_weight` 1 (a larger max_weight scales values down before quantisation and loses precision);
-    no metrics are returned (the server would see them unmasked).
+    mods = [secaggplus_mod, packing_mod, fixedclipping_mod]: SecAgg+ outermost, clipping next to the
+    box's own code. The box receives the global head as bytes in the round's config, trains on its own
+    history, and returns only this round's aligned coordinate subset of its delta (k numbers,
+    `model.round_subset`). The FitIns parameters are k zeros, so `fixedclipping_mod` (which clips
+    result - FitIns) clips exactly the delta sub-vector to L2 norm C.
+    pack = 1: every value SecAgg+ quantises lies in [-C, C] (clipping_range = C: SecAgg+'s own value
+    clipping never bites) and `packing_mod` passes the update through.
+    pack = F > 1 (`packing`): `packing_mod` quantises the clipped sub-vector itself (dequantised L2 norm
+    still <= C) and packs F values per SecAgg+ integer; SecAgg+ is set up to carry those integers 1:1
+    (quantiser scale 1.0, modulus above the cohort's sum), so a round moves F times the coordinates for
+    the same upload, and the server unpacks the exact integer sum before it adds the noise.
+    `num_examples` is always 1 and `max_weight` 1 (a larger max_weight scales values down before
+    quantisation and loses precision); no metrics are returned (the server would see them unmasked).
 
 ServerApp (the cloud aggregator)
     DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...)) over a legacy strategy:
@@ -27,7 +32,9 @@ ServerApp (the cloud aggregator)
       - draws its noise from the OS's entropy, not from a seedable generator.
     Every wait is bounded: SecAgg+ stage timeout, cohort wait, round timeout.
 
-Accounting note: noise is calibrated for the planned cohort; a round that loses boxes still adds noise
+Accounting note: packing changes the encoding, not the mechanism: the sum the server unpacks is the sum
+of the boxes' dequantised updates, each of L2 norm <= C, and the noise is N(0, (z C)^2) on that sum as
+without packing. Noise is calibrated for the planned cohort; a round that loses boxes still adds noise
 of standard deviation z*C to their sum, so each round is the accounted mechanism (or better).
 """
 
@@ -43,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -55,12 +63,15 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from appliance.federation import packing
 from appliance.federation.accounting import PrivacyLedger, calibrate_noise
 from appliance.federation.model import HeadShape, client_update, round_subset, subset_size
 from appliance.federation.segments import secure_rng
@@ -82,6 +93,8 @@ class RunSettings:
     cohort: int = 3                    # m boxes per round (fixed size, without replacement)
     sampling: str = "fixed_size"      # or "full": cohort == population, fixed denominator (accounting)
     compression: float = 16.0          # dense float32 bytes of the head / SecAgg+ upload bytes
+    pack: int = 1                      # quantised values per SecAgg+ integer (`packing`; 1: Flower's own quantisation)
+    always_rows: str = ""              # comma-separated title rows whose biases are in every round's subset (public)
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
@@ -121,6 +134,10 @@ class RunSettings:
     def shape(self) -> HeadShape:
         return HeadShape(self.n_items, self.dim, self.rank, self.n_feat)
 
+    @property
+    def fixed(self) -> np.ndarray | None:
+        return np.array([int(r) for r in self.always_rows.split(",")], dtype=np.int64) if self.always_rows else None
+
 
 @dataclass
 class RoundRecord:
@@ -137,11 +154,12 @@ class RunResult:
     settings: dict[str, Any]
     noise_multiplier: float
     federated_params: int
-    subset_k: int
+    subset_k: int                      # coordinates of the head a round moves
     rounds: list[RoundRecord] = field(default_factory=list)
     stopped: str = ""
     seconds: float = 0.0
     head: np.ndarray | None = field(default=None, repr=False)  # the final head (written as head.npy)
+    upload_ints: int = 0               # SecAgg+ coordinates a box uploads for them (subset_k / pack, + 1 weight not counted)
 
     @property
     def epsilon(self) -> float:
@@ -179,8 +197,9 @@ class HeadClient(NumPyClient):
         if theta.shape != (shape.n_params,) or len(parameters) != 1 or parameters[0].shape != (k,):
             raise ValueError("round instructions do not match the head")
         server_round = int(config["round"])
+        fixed = np.frombuffer(config["fixed"], dtype=np.int32).astype(np.int64) if config.get("fixed") else None
         sub, _ = client_update(shape, theta, self.queries, self.targets, self.items,
-                               server_round=server_round, run_seed=int(config["run-seed"]), k=k,
+                               server_round=server_round, run_seed=int(config["run-seed"]), k=k, fixed=fixed,
                                clip=float(config["clipping_norm"]), lr=float(config["lr"]),
                                lr_adapter=float(config["lr-adapter"]), lr_features=float(config["lr-features"]),
                                epochs=int(config["local-epochs"]), batch=int(config["batch"]), seed=server_round,
@@ -199,14 +218,36 @@ def load_node_data(node_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray,
     return queries, targets, items
 
 
+def packing_mod(msg, ctxt: Context, call_next):
+    """Between SecAgg+ and clipping: when the round asks for it (config `pack-fields` > 1), quantise the
+    box's *clipped* sub-vector and pack `pack-fields` values per SecAgg+ integer (`packing.encode`);
+    the dequantised vector that enters the sum keeps L2 norm <= the clipping norm, so the DP noise and
+    the accounting are those of the unpacked update. Anything else passes through untouched."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    fields = int(fit_ins.config.get("pack-fields", 1))
+    out = call_next(msg, ctxt)
+    if fields <= 1 or out.has_error():
+        return out
+    clip = float(fit_ins.config[KEY_CLIPPING_NORM])
+    spec = packing.plan(fields, int(fit_ins.config["pack-boxes"]), clip)
+    fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    (update,) = parameters_to_ndarrays(fit_res.parameters)
+    fit_res.parameters = ndarrays_to_parameters([packing.encode(update, spec, clip, secure_rng())])
+    out.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return out
+
+
 def make_client_app(data_fn=load_node_data, outer_mods=()) -> ClientApp:
-    """ClientApp whose box data comes from `data_fn(node_config)`; SecAgg+ first, then clipping.
-    `outer_mods` go before SecAgg+ (they see what leaves the box: meters, fault injection in tests)."""
+    """ClientApp whose box data comes from `data_fn(node_config)`; SecAgg+ first, then packing (a no-op
+    unless the round asks for it), then clipping. `outer_mods` go before SecAgg+ (they see what leaves
+    the box: meters, fault injection in tests)."""
 
     def client_fn(context: Context):
         return HeadClient(*data_fn(context.node_config)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secaggplus_mod, fixedclipping_mod])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secaggplus_mod, packing_mod, fixedclipping_mod])
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -228,7 +269,11 @@ class SubsetFedAvg(FedAvg):
                          initial_parameters=ndarrays_to_parameters([theta0]), accept_failures=True)
         self.settings = settings
         self.shape = settings.shape
-        self.k = subset_size(self.shape.n_params, settings.compression)
+        self.k = subset_size(self.shape.n_params, settings.compression, settings.pack)
+        self.spec = packing.plan(settings.pack, settings.cohort, settings.clip) if settings.pack > 1 else None
+        if self.spec is not None:
+            packing.check_norm_room(self.spec, self.k, settings.clip)
+        self.upload_ints = self.spec.packed_len(self.k) if self.spec else self.k  # SecAgg+ coordinates (+1 weight)
         self.theta = np.asarray(theta0, dtype=np.float64)
         self.last_sampled = 0
 
@@ -249,7 +294,10 @@ class SubsetFedAvg(FedAvg):
             "n-items": s.n_items, "dim": s.dim, "rank": s.rank, "n-feat": s.n_feat,
             "lr": s.lr, "lr-adapter": s.lr_adapter, "lr-features": s.lr_features, "local-epochs": s.local_epochs, "batch": s.batch,
             "global": self.theta.astype(np.float32).tobytes(),
+            "pack-fields": s.pack, "pack-boxes": s.cohort,
         }
+        if s.fixed is not None:
+            config["fixed"] = s.fixed.astype(np.int32).tobytes()
         ins = FitIns(ndarrays_to_parameters([np.zeros(self.k)]), config)
         self.last_sampled = len(clients)
         return [(c, ins) for c in clients]
@@ -259,7 +307,7 @@ class SubsetFedAvg(FedAvg):
         std, a public number) is post-processing of the DP release: it zeroes the coordinates where
         the mean is indistinguishable from noise (titles few boxes watched) and keeps the rest."""
         idx = round_subset(self.shape.n_params, self.k, server_round, self.settings.run_seed,
-                           always=self.shape.n_feat)
+                           always=self.shape.n_feat, fixed=self.settings.fixed)
         self.theta = self.theta.copy()
         self.theta[idx] += self.settings.server_lr * soft_threshold(mean_update, self.settings.server_shrink * noise_std)
         return self.theta
@@ -303,6 +351,11 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
         # SecAgg+ hands every surviving box's FitRes the same unmasked mean of the survivors' updates
         mean = parameters_to_ndarrays(results[0][1].parameters)[0].astype(np.float64)
         m = len(results)
+        if self.inner.spec is not None:
+            # packed: SecAgg+'s "mean" is that of the packed integers; unpack the exact integer sum into
+            # the sum of the boxes' dequantised updates (each of L2 norm <= C, `packing.encode`), so
+            # the noise below is calibrated to the same sensitivity C as without packing
+            mean = packing.unpack_mean(mean, m, self.inner.k, self.inner.spec) / m
         # full participation: the sum over the fixed, public denominator (the planned cohort), so that
         # one box more or less moves the release by at most C / denominator (accounting, "full")
         denominator = self.ledger.cohort if self.ledger.sampling == "full" else m
@@ -318,6 +371,11 @@ class FleetDP(DifferentialPrivacyClientSideFixedClipping):
 
 
 def secagg_workflow(s: RunSettings) -> SecAggPlusWorkflow:
+    if s.pack > 1:
+        # packed integers: SecAgg+ must map each one 1:1 (quantiser scale 1.0) and sum them without wrap
+        ranges = packing.plan(s.pack, s.cohort, s.clip).secagg_ranges()
+        return SecAggPlusWorkflow(num_shares=s.num_shares, reconstruction_threshold=s.reconstruction_threshold,
+                                  max_weight=1.0, timeout=s.timeout, **ranges)
     if (s.cohort + 1) * s.quantization_range >= SECAGG_MODULUS:
         raise ValueError(f"a cohort of {s.cohort} overflows SecAgg+'s 2^32 modulus at quantization range "
                          f"{s.quantization_range}: lower quantization_range")
@@ -346,7 +404,7 @@ def run_server(grid: Grid, context: Context, rng=None, audit: Audit | None = Non
                            strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg_workflow(s))(grid, legacy)
     result = RunResult(settings=asdict(s), noise_multiplier=z, federated_params=s.shape.n_params,
-                       subset_k=inner.k, rounds=strategy.records, stopped=strategy.stopped,
+                       subset_k=inner.k, upload_ints=inner.upload_ints, rounds=strategy.records, stopped=strategy.stopped,
                        seconds=round(time.monotonic() - t0, 3), head=inner.theta)
     if s.out_dir:
         out = Path(s.out_dir)

@@ -181,18 +181,22 @@ def clip_l2(update: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return np.asarray(update, dtype=np.float64) * scale, norm
 
 
-def subset_size(n_params: int, compression: float) -> int:
+def subset_size(n_params: int, compression: float, pack: int = 1) -> int:
     """Coordinates per round so that the SecAgg+ upload (int64 per coordinate, plus the one weight
-    coordinate SecAgg+ prepends) is `compression` times smaller than dense float32 of all n_params."""
+    coordinate SecAgg+ prepends) is `compression` times smaller than dense float32 of all n_params.
+    With `pack` values per SecAgg+ integer (`packing`) the same upload carries `pack` times as many."""
     if compression < 1:
         raise ValueError("compression must be >= 1")
+    if pack < 1:
+        raise ValueError("pack must be >= 1")
     k = int(n_params * DENSE_BYTES_PER_PARAM // (SECAGG_BYTES_PER_PARAM * compression)) - 1
     if k < 1:
         raise ValueError(f"{n_params} parameters cannot be compressed {compression}x")
-    return k
+    return min(k * pack, n_params)
 
 
-def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always: int = 0) -> np.ndarray:
+def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always: int = 0,
+                 fixed: np.ndarray | None = None) -> np.ndarray:
     """This round's coordinates (sorted, distinct): a function of public values only, so every box and
     the server derive the same subset and the masked sum of the boxes' sub-vectors stays aligned.
 
@@ -201,28 +205,34 @@ def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always
     coordinate is updated about once per n/k rounds. A fresh uniform draw each round would, over 20
     rounds at 1/20 of the head per round, leave e^-1 = 37% of the head never updated.
 
-    The last `always` coordinates (the feature weights w) are in every round's subset; the blocks
-    rotate over the others."""
+    The last `always` coordinates (the feature weights w) and the coordinates in `fixed` (public, e.g.
+    the biases of the titles the central panel watched most) are in every round's subset; the blocks
+    rotate over the others. Without `fixed` the subset is what it always was."""
     if not 0 < k <= n_params:
         raise ValueError(f"k must be within 1..{n_params}, got {k}")
-    if not 0 <= always < k:
-        raise ValueError(f"always must be within 0..{k - 1}, got {always}")
+    fixed = np.zeros(0, dtype=np.int64) if fixed is None else np.unique(np.asarray(fixed, dtype=np.int64))
+    if fixed.size and (fixed[0] < 0 or fixed[-1] >= n_params - always):
+        raise ValueError("fixed coordinates must lie outside the last `always` ones")
+    if not 0 <= always + fixed.size < k:
+        raise ValueError(f"always + fixed must be within 0..{k - 1}, got {always} + {fixed.size}")
     if server_round < 1:
         raise ValueError("rounds count from 1")
-    n_rot, k_rot = n_params - always, k - always
+    pool = np.setdiff1d(np.arange(n_params - always), fixed) if fixed.size else np.arange(n_params - always)
+    n_rot, k_rot = len(pool), k - always - fixed.size
     epoch, block = divmod(int(server_round) - 1, n_rot // k_rot)
     perm = np.random.default_rng([int(run_seed), epoch]).permutation(n_rot)
-    return np.concatenate([np.sort(perm[block * k_rot:(block + 1) * k_rot]), np.arange(n_rot, n_params)])
+    rot = pool[np.sort(perm[block * k_rot:(block + 1) * k_rot])]
+    return np.concatenate([np.sort(np.concatenate([rot, fixed])), np.arange(n_params - always, n_params)])
 
 
 def client_update(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, targets: np.ndarray,
                   items: np.ndarray, *, server_round: int, run_seed: int, k: int, clip: float,
-                  **train_kw) -> tuple[np.ndarray, float]:
+                  fixed: np.ndarray | None = None, **train_kw) -> tuple[np.ndarray, float]:
     """One box's round: local training, delta, this round's aligned subset, clipped to `clip`.
 
     Returns (clipped sub-vector [k], norm of the sub-vector before clipping)."""
     new = local_train(shape, theta, queries, targets, items, **train_kw)
-    idx = round_subset(shape.n_params, k, server_round, run_seed, always=shape.n_feat)
+    idx = round_subset(shape.n_params, k, server_round, run_seed, always=shape.n_feat, fixed=fixed)
     return clip_l2((new - theta)[idx], clip)
 
 

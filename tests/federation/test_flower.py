@@ -151,17 +151,19 @@ def test_calibrated_run_spends_at_most_its_budget(tmp_path):
     assert (tmp_path / "result.json").exists() and np.load(tmp_path / "head.npy").shape == (s.shape.n_params,)
 
 
-def test_upload_of_the_bundle_head_is_over_10x_smaller_than_dense():
+@pytest.mark.parametrize("pack", [1, 2])
+def test_upload_of_the_bundle_head_is_over_10x_smaller_than_dense(pack):
     # the real head's size (MovieLens-small bundle: 9,742 titles, d = 64, rank 4), three boxes
     rng = np.random.default_rng(1)
     n_items, d = 9742, 64
     items = rng.normal(scale=0.1, size=(n_items, d)).astype(np.float32)
     data = {b: (rng.normal(size=(8, d)), rng.integers(0, n_items, size=8), items) for b in range(3)}
     s = RunSettings(rounds=1, epsilon=50.0, clip=0.5, population=3, cohort=3, n_items=n_items, dim=d, rank=4,
-                    compression=16.0, timeout=10, local_epochs=1)
+                    compression=16.0, timeout=10, local_epochs=1, pack=pack)
     grid = _grid(data, s)
     res = run_server(grid, grid.server_context())
     assert res.rounds and res.federated_params == HeadShape(n_items, d, 4).n_params == 10254
+    assert res.subset_k == pack * res.upload_ints      # packing: the same upload moves pack x the coordinates
     dense = res.federated_params * DENSE_BYTES_PER_PARAM
     vector = grid.wire.upload_per_box("1", "collect_masked_vectors")   # the masked update message
     total = grid.wire.upload_per_box("1")                               # + keys, shares, unmasking

@@ -166,3 +166,23 @@ def test_soft_threshold_is_the_identity_at_zero_and_shrinks_towards_zero():
     x = np.array([-3.0, -0.5, 0.0, 0.2, 2.0])
     np.testing.assert_array_equal(soft_threshold(x, 0.0), x)
     np.testing.assert_allclose(soft_threshold(x, 1.0), [-2.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def test_fixed_coordinates_are_in_every_round_and_the_rest_rotate():
+    n, k, always = 500, 60, 8
+    fixed = np.array([3, 77, 150, 151, 400])
+    seen = set()
+    for r in range(1, 30):
+        idx = round_subset(n, k, r, run_seed=5, always=always, fixed=fixed)
+        assert len(idx) == k and len(set(idx.tolist())) == k and np.all(np.diff(idx[:-always]) > 0)
+        assert set(fixed.tolist()) <= set(idx.tolist()) and set(range(n - always, n)) <= set(idx.tolist())
+        np.testing.assert_array_equal(idx, round_subset(n, k, r, run_seed=5, always=always, fixed=fixed))
+        seen |= set(idx.tolist())
+    assert len(seen) > 0.9 * n                                   # the others still rotate through
+    # without fixed coordinates the subsets are the ones the earlier runs used
+    np.testing.assert_array_equal(round_subset(n, k, 4, 5, always=always),
+                                  round_subset(n, k, 4, 5, always=always, fixed=np.zeros(0, dtype=np.int64)))
+    with pytest.raises(ValueError):
+        round_subset(n, k, 1, 5, always=always, fixed=np.arange(n - 3, n))  # inside the `always` block
+    with pytest.raises(ValueError):
+        round_subset(n, k, 1, 5, always=always, fixed=np.arange(k))          # leaves nothing to rotate

@@ -234,11 +234,38 @@ def test_the_search_finds_what_a_leaky_box_would_send(tmp_path, bundle):
     clear = quantize([own], s.clip, s.quantization_range)[0]
     raw = reply(RecordDict({"a": ArrayRecord([clear]), "b": ArrayRecord([own])}))
     assert len(unmasked_copies(raw, own, s)) == 2
+    from appliance.federation import packing
+
+    s2 = _settings(1, bundle, pack=2)
+    enc = packing.encode(own, packing.plan(2, 1, s2.clip), s2.clip, np.random.default_rng(0))
+    raw = reply(RecordDict({"a": ArrayRecord([enc]), "b": ArrayRecord([enc.astype(np.int64) + packing.INT_OFFSET])}))
+    assert len(packed_copies(raw, own, s2)) == 2
 
 
-def test_in_process_uploads_carry_nothing_of_the_box_and_only_masked_updates(tmp_path, bundle):
+def packed_copies(raw: bytes, own: np.ndarray, s: RunSettings) -> list[str]:
+    """With packing (`federation.packing`): integer arrays in what a box sent that, read as packed
+    integers, unpack close to (or correlated with) its own clipped update."""
+    from appliance.federation import packing
+
+    spec = packing.plan(s.pack, s.cohort, s.clip)
+    n = spec.packed_len(own.size)
+    out = []
+    for a in npy_arrays(raw):
+        flat = a.ravel()
+        if flat.dtype.kind not in "iuf" or flat.size != n:
+            continue
+        ints = np.rint(flat).astype(np.int64) if flat.dtype.kind == "f" else flat.astype(np.int64)
+        for shifted in (ints, ints + packing.INT_OFFSET):
+            clear = packing.dequantise(packing.unpack(shifted, own.size, spec), spec)
+            if np.allclose(clear, own, atol=2 * spec.step) or abs(np.corrcoef(clear, own)[0, 1]) > 0.5:
+                out.append(f"packed update {a.dtype}{a.shape}")
+    return out
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_in_process_uploads_carry_nothing_of_the_box_and_only_masked_updates(tmp_path, bundle, pack):
     boxes = [make_box(tmp_path, bundle, b) for b in range(3)]
-    s = _settings(3, bundle, timeout=30)
+    s = _settings(3, bundle, timeout=30, pack=pack)
     app = make_client_app(load_box)
     grid = LocalGrid(app, [{"store": str(b.store), "bundle": str(BUNDLE), "features": True} for b in boxes],
                      s.to_run_config(), keep_raw=True)
@@ -251,9 +278,22 @@ def test_in_process_uploads_carry_nothing_of_the_box_and_only_masked_updates(tmp
         assert len(sent) == 4                                   # the four SecAgg+ stages
         raw = b"".join(sent)
         assert leaks(sent, raw, box) == []
-        assert any(a.size == res.subset_k for a in npy_arrays(raw))   # the masked vector is there ...
+        assert any(a.size == res.upload_ints for a in npy_arrays(raw))  # the masked vector is there ...
         assert unmasked_copies(raw, owns[i], s) == []                 # ... and is not the update
-    assert_server_saw_only_the_aggregate(seen, owns, s)
+        if pack > 1:
+            assert packed_copies(raw, owns[i], s) == []
+    if pack == 1:
+        assert_server_saw_only_the_aggregate(seen, owns, s)
+    else:  # the server-side code gets the packed aggregate; unpacked, it is the mean and no box's update
+        from appliance.federation import packing
+
+        spec = packing.plan(pack, 3, s.clip)
+        assert len(seen) == 3
+        for a in seen:
+            mean = packing.unpack_mean(a, 3, res.subset_k, spec) / 3
+            np.testing.assert_allclose(mean, np.mean(owns, axis=0), atol=spec.step + 0.01 * s.clip)
+            for own in owns:
+                assert np.abs(mean - own).max() > 0.01 * s.clip
 
 
 def assert_server_saw_only_the_aggregate(seen: list[np.ndarray], owns: list[np.ndarray], s: RunSettings) -> None:
