@@ -126,7 +126,8 @@ def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray, i
 
 
 class Letterbox:
-    """Letterbox BGR frames into the model input: (1, 128, 128, 3) RGB float32 in [-1, 1].
+    """Letterbox BGR frames into the model input: (1, rows, 128, 3) RGB float32 in [-1, 1]; rows is 128,
+    or `input_rows` of the frame when `adaptive_rows` (a model whose input height is dynamic).
 
     Keeps the aspect ratio and centres the picture on black, as MediaPipe's ImageToTensorCalculator
     (keep_aspect_ratio, BORDER_ZERO, range [-1, 1]) does. Shrinking uses an area filter where MediaPipe's
@@ -143,14 +144,7 @@ class Letterbox:
 
     def __init__(self, adaptive_rows: bool = False) -> None:
         self.adaptive_rows = adaptive_rows  # True: `input_rows` rows (the model takes any height)
-        self.tensor = np.full((1, INPUT_SIZE, INPUT_SIZE, 3), -1.0, dtype=np.float32)
-        self._geometry: tuple[int, int] | None = None
-        self._half = np.empty(0, np.uint8)
-        self._resized = np.empty(0, np.uint8)
-        self._rgb = np.empty(0, np.uint8)
-        self._scale = np.ones(2, np.float32)
-        self._offset = np.zeros(2, np.float32)
-        self._box = (0, 0, INPUT_SIZE, INPUT_SIZE)
+        self._geometry: tuple[int, int] | None = None  # the buffers below are laid out on the first frame
 
     def _layout(self, h: int, w: int) -> None:
         scale = INPUT_SIZE / max(h, w)
