@@ -132,6 +132,13 @@ train-emotion: $(TRAIN_STAMP)
 	nice -n 10 $(TRAIN_VENV)/bin/python -m appliance.models.train_emotion --data $(EMOTION_DATA) --out models/emotion
 	$(TRAIN_VENV)/bin/python -m pytest -q -m train tests/models
 
+# The INT8 build CPU boxes run (emotion_cnn48_int8): ONNX Runtime static quantisation of emotion_cnn48,
+# calibrated on FER2013 training images, parity against FP32 recorded in models/manifest.json. Seconds.
+.PHONY: quantize-emotion
+quantize-emotion: $(TRAIN_STAMP)
+	$(TRAIN_VENV)/bin/python -m appliance.models.quantize --model emotion_cnn48 --data $(EMOTION_DATA)
+	$(TRAIN_VENV)/bin/python -m pytest -q tests/models/test_int8_model.py
+
 # The x86 fleet image without a Docker daemon or a registry: debootstrapped Debian bookworm + buildah (vfs,
 # chroot isolation), as root; records its size in bench/results/image-x86-cpu.{json,md}. Minutes: never part
 # of `make test` or CI (CI lints both Dockerfiles with hadolint). Needs: apt-get install buildah debootstrap.

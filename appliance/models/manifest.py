@@ -64,6 +64,22 @@ class TrainedSource(_Strict):
     val_balanced_accuracy: float
 
 
+class QuantizedSource(_Strict):
+    """Where the weights came from: one of our models, statically quantised by our recipe (INT8, QDQ)."""
+
+    package: Literal["own-quantization"]
+    recipe: str = Field(description="path of the quantisation script in this repository")
+    recipe_version: str
+    base_model: str = Field(description="manifest entry that was quantised")
+    sha256: str = Field(description="sha256 of the base model's ONNX file (what was quantised)")
+    seed: int
+    calibration: str
+    calibration_labels_sha256: str = Field(description="sha256 of the calibration data set's labels.csv")
+    fp32_nodes: list[str] = Field(description="nodes kept in FP32")
+    license: str
+    quantized_at: str
+
+
 class OutputInfo(_Strict):
     path: str = Field(description="relative to the models directory")
     sha256: str
@@ -84,7 +100,7 @@ class ModelEntry(_Strict):
     name: str
     version: str
     task: Literal["face_detection", "emotion"]
-    source: SourceInfo | TrainedSource
+    source: SourceInfo | TrainedSource | QuantizedSource
     output: OutputInfo
     opset: int
     inputs: list[TensorSpec]

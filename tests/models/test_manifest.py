@@ -36,7 +36,8 @@ def models_copy(tmp_path: Path) -> Path:
 
 def test_committed_models_verify():
     manifest = verify_models(DEFAULT_MODELS_DIR)
-    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception", "emotion_cnn48", "emotion_vgg48_ms"}
+    assert set(manifest.models) == {"blazeface_short_range", "fer_mini_xception", "emotion_cnn48", "emotion_cnn48_int8",
+                                    "emotion_vgg48_ms"}
     emo = manifest.entry("fer_mini_xception")
     assert tuple(emo.labels) == LABELS
     assert emo.task == "emotion" and emo.opset == 17 and emo.source.license == "MIT"
@@ -44,7 +45,10 @@ def test_committed_models_verify():
     det = manifest.entry("blazeface_short_range")
     assert det.source.license == "Apache-2.0" and det.inputs[0].shape == [1, "height", 128, 3]
     for e in manifest.models.values():
-        assert e.parity.max_abs_diff <= e.parity.tolerance and e.parity.argmax_agreement == 1.0
+        assert e.parity.max_abs_diff <= e.parity.tolerance
+        # a conversion keeps every decision; a quantisation (checked in test_int8_model.py) nearly every one
+        assert e.parity.argmax_agreement == 1.0 or (e.source.package == "own-quantization"
+                                                    and e.parity.argmax_agreement >= 0.97)
         assert e.output.bytes == (DEFAULT_MODELS_DIR / e.output.path).stat().st_size
         assert e.tag.startswith(f"{e.name}@") and e.output.sha256[:12] in e.tag
 

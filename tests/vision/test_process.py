@@ -40,8 +40,8 @@ def pipeline(tmp_path_factory) -> VisionPipeline:
 def test_pipeline_runs_the_product_emotion_model_and_says_so(pipeline: VisionPipeline):
     from appliance.vision.emotion import DEFAULT_EMOTION_MODEL
 
-    assert pipeline.emotion_model == DEFAULT_EMOTION_MODEL == "emotion_cnn48"
-    assert pipeline.classifier.size == 48 and "+emotion_cnn48@" in pipeline.model_version
+    assert pipeline.emotion_model == DEFAULT_EMOTION_MODEL == "emotion_cnn48_int8"
+    assert pipeline.classifier.size == 48 and "+emotion_cnn48_int8@" in pipeline.model_version
 
 
 def test_emotion_model_is_selectable_by_config(tmp_path: Path):
