@@ -70,6 +70,9 @@ if _VECTOR:
     _PW, _SW = _weights(PROFILE_WEIGHT), _weights(SESSION_WEIGHT)
     _TOUCHES_POSITIVES = np.zeros(16, dtype=bool)
     _TOUCHES_POSITIVES[[*POSITIVE_WEIGHT, SKIP, DISLIKE]] = True
+    _POS_W = np.full(16, -1.0)  # positive weight per type; -1: removes the title (skip, dislike)
+    for _t, _w in POSITIVE_WEIGHT.items():
+        _POS_W[_t] = _w
 
 
 def _pref_weights(table: np.ndarray, types: np.ndarray, values: np.ndarray, full_s: float) -> np.ndarray:
@@ -83,6 +86,16 @@ def _pref_weights(table: np.ndarray, types: np.ndarray, values: np.ndarray, full
     return w.astype(np.float32)
 
 
+def _genre_sum(rows: np.ndarray, w: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """sum_j w_j share[rows_j] (float32, [genres]). Many events of a batch fall on few titles: the weights
+    are summed per title first (one bincount), then one product with the titles' shares, instead of
+    gathering a share row per event (the gather was ~15 % of the event writer's time at 1M events/s)."""
+    if len(rows) * 4 < len(share):  # a small batch: gathering its rows is cheaper than a catalog-long pass
+        return w @ share[rows]
+    per_title = np.bincount(rows, weights=w, minlength=len(share)).astype(np.float32)
+    return per_title @ share
+
+
 def _last_like_dislike(types: np.ndarray, items: np.ndarray) -> tuple[list[int], list[int]]:
     """(titles whose last like/dislike event is a like, ... is a dislike)."""
     m = (types == LIKE) | (types == DISLIKE)
@@ -94,28 +107,35 @@ def _last_like_dislike(types: np.ndarray, items: np.ndarray) -> tuple[list[int],
     return uniq[last == LIKE].tolist(), uniq[last == DISLIKE].tolist()
 
 
-def _positives(pos, types: np.ndarray, items: np.ndarray, ts: np.ndarray, cap: int) -> None:  # noqa: ANN001
-    """fusion's `_update_positives`, event by event, on plain tuples (weight, liked, ts); Positive objects
-    are made once at the end for what is left (at most `cap`)."""
+def _touches(types: np.ndarray, items: np.ndarray, ts: np.ndarray) -> tuple | None:
+    """The events that touch the positives, as Python lists (item, weight or None for skip/dislike, liked,
+    ts): made once per batch for both the profile and the session."""
     m = _TOUCHES_POSITIVES[types]
     if not m.any():
+        return None
+    t = types[m]
+    w = _POS_W[t]
+    return (items[m].tolist(), [None if x < 0 else x for x in w.tolist()], (t == LIKE).tolist(), ts[m].tolist())
+
+
+def _positives(pos, touches: tuple | None, cap: int) -> None:  # noqa: ANN001
+    """fusion's `_update_positives`, event by event, on plain tuples (weight, liked, ts); Positive objects
+    are made once at the end for what is left (at most `cap`)."""
+    if touches is None:
         return
     od = OrderedDict((k, (v.weight, v.kind == "liked", v.ts_ms)) for k, v in pos.items())
-    pw = POSITIVE_WEIGHT
     pop, popitem = od.pop, od.popitem
-    for t, i, c in zip(types[m].tolist(), items[m].tolist(), ts[m].tolist()):
-        if t in pw:
-            old = pop(i, None)
-            w = pw[t]
-            if old is None:
-                od[i] = (w, t == LIKE, c)
-            else:
-                od[i] = (w if w >= old[0] else old[0], t == LIKE or old[1], c)
-                continue  # the title was there: the count did not grow
+    for i, w, liked, c in zip(*touches):
+        if w is None:  # skip, dislike
+            pop(i, None)
+            continue
+        old = pop(i, None)
+        if old is None:
+            od[i] = (w, liked, c)
             if len(od) > cap:
                 popitem(last=False)
-        else:  # skip, dislike
-            pop(i, None)
+        else:  # the title was there: the count did not grow
+            od[i] = (w if w >= old[0] else old[0], liked or old[1], c)
     pos.clear()
     for k, (w, liked, c) in od.items():
         pos[k] = Positive(w, "liked" if liked else "watched", c)
@@ -149,12 +169,13 @@ def apply_batch(profile: ProfileState, session: SessionState | None, types: np.n
         profile.disliked.difference_update(liked)
         profile.disliked.update(disliked)
         profile.liked.difference_update(disliked)
-        _positives(profile.positives, types, items, ts, MAX_POSITIVES)
+        touches = _touches(types, items, ts)
+        _positives(profile.positives, touches, MAX_POSITIVES)
         w = _pref_weights(_PW, types, values, DWELL_FULL_S["profile"])
-        nz = np.flatnonzero(w)  # profile and session tables are zero for the same types: one gather for both
-        g = share[rows[nz]] if nz.size else None
-        if g is not None:
-            profile.genre_affinity += w[nz] @ g
+        nz = np.flatnonzero(w)  # profile and session tables are zero for the same types
+        r = rows[nz]
+        if nz.size:
+            profile.genre_affinity += _genre_sum(r, w[nz], share)
     if session is None:
         return
     with session.lock:
@@ -168,13 +189,13 @@ def apply_batch(profile: ProfileState, session: SessionState | None, types: np.n
         session.completed.update(items[types == COMPLETE].tolist())
         session.disliked.update(disliked)
         session.disliked.difference_update(liked)
-        _positives(session.positives, types, items, ts, MAX_SESSION_EVENTS)
+        _positives(session.positives, touches, MAX_SESSION_EVENTS)
         w = _pref_weights(_SW, types, values, DWELL_FULL_S["session"])
         nz_s = np.flatnonzero(w)
         if not np.array_equal(nz_s, nz):
-            nz, g = nz_s, (share[rows[nz_s]] if nz_s.size else None)
+            nz, r = nz_s, rows[nz_s]
         m = nz.size
         if m:
             decay = np.float32(SESSION_DECAY) ** np.arange(m - 1, -1, -1, dtype=np.float32)
             session.genre_affinity *= np.float32(SESSION_DECAY) ** np.float32(m)
-            session.genre_affinity += (decay * w[nz]) @ g
+            session.genre_affinity += _genre_sum(r, decay * w[nz], share)
