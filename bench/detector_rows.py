@@ -51,10 +51,9 @@ def _frames(media: Path, size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    from appliance.vision.tracker import iou_matrix
+
+    return float(iou_matrix(np.array([a], np.float32), np.array([b], np.float32))[0, 0])
 
 
 def run(media: Path, size: tuple[int, int], repeats: int) -> dict[str, Any]:

@@ -339,7 +339,7 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{lat['p50_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['p99_ms']:.2f} | {lwd['p99_ms']:.2f} | "
                      f"{fer['faces_per_frame']:.2f} | {fer['peak_rss_mb']} |")
         if r.get("rounds"):
-            lines += ["", f"Rounds (ours, then fer, back to back; the table shows each side's median-fps run):", "",
+            lines += ["", "Rounds (ours, then fer, back to back; the table shows each side's median-fps run):", "",
                       "| round | ours fps | ours p99 ms | fer fps | ours / fer |", "| ---: | ---: | ---: | ---: | ---: |"]
             lines += [f"| {i + 1} | {x['ours_fps']:.1f} | {x['ours_p99_ms']:.2f} | {x['fer_fps']:.1f} | {x['ratio']:.2f} |"
                       for i, x in enumerate(r["rounds"])]

@@ -69,8 +69,13 @@ def _fp32_nodes(model_path: Path) -> list[str]:
 
 def quantize(model: str, data: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     entry = load_manifest(models_dir).entry(model)

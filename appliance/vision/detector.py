@@ -34,34 +34,14 @@ class Detection:
     keypoints: np.ndarray = field(repr=False, compare=False)  # (6, 2) x, y pixels, order KEYPOINT_NAMES
 
 
-def ssd_anchors(input_size: int = INPUT_SIZE, strides: tuple[int, ...] = (8, 16, 16, 16)) -> np.ndarray:
-    """Anchor centres (K, 2) in [0, 1], as MediaPipe's SsdAnchorsCalculator builds them for this model.
-
-    Consecutive layers with the same stride share one grid; each layer adds 2 anchors per cell
-    (aspect ratio 1 plus the interpolated scale), and `fixed_anchor_size` makes every anchor 1x1,
-    so only the centres matter. Short range: 16*16*2 + 8*8*6 = 896.
-    """
-    centres: list[np.ndarray] = []
-    i = 0
-    while i < len(strides):
-        stride = strides[i]
-        same = 0
-        while i < len(strides) and strides[i] == stride:
-            same += 1
-            i += 1
-        grid = int(np.ceil(input_size / stride))
-        ys, xs = np.meshgrid((np.arange(grid) + 0.5) / grid, (np.arange(grid) + 0.5) / grid, indexing="ij")
-        cells = np.stack([xs.ravel(), ys.ravel()], axis=1)
-        centres.append(np.repeat(cells, 2 * same, axis=0))
-    return np.concatenate(centres).astype(np.float32)
-
-
 def anchor_centres_px(height: int = INPUT_SIZE, width: int = INPUT_SIZE) -> np.ndarray:
     """Anchor centres (K, 2) in input pixels for an input of `height` x `width` (both multiples of 16).
 
-    The same layout as `ssd_anchors` (stride-8 cells with 2 anchors each, then stride-16 cells with 6),
-    on the grid the fully convolutional network produces for that input; for 128 x 128 it equals
-    `ssd_anchors() * 128`.
+    MediaPipe's SsdAnchorsCalculator layout for this model (strides 8, 16, 16, 16; layers with the same
+    stride share one grid, each adding 2 anchors per cell; `fixed_anchor_size` makes every anchor 1x1, so
+    only the centres matter): stride-8 cells with 2 anchors each, then stride-16 cells with 6, on the grid
+    the fully convolutional network produces for that input. 128 x 128: 16*16*2 + 8*8*6 = 896 anchors
+    (the tests check it against MediaPipe's own algorithm).
     """
     if height % 16 or width % 16 or not 16 <= height <= INPUT_SIZE or not 16 <= width <= INPUT_SIZE:
         raise ValueError(f"detector input {height}x{width}: both sides must be multiples of 16 in [16, 128]")
@@ -83,9 +63,14 @@ def input_rows(frame_h: int, frame_w: int) -> int:
     (the crop is a multiple of 16 rows); only what lies beyond the kept bars differs (the network's
     zero padding instead of more black), measured on real video in `bench/results/detector-rows.json`.
     """
-    scale = INPUT_SIZE / max(frame_h, frame_w)
-    nh = max(1, round(frame_h * scale))
+    _, nh = fitted_size(frame_h, frame_w)
     return min(INPUT_SIZE, -(-(nh + 2 * ROW_MARGIN) // 16) * 16)
+
+
+def fitted_size(frame_h: int, frame_w: int) -> tuple[int, int]:
+    """(width, height) of a frame scaled to fit 128 x 128 with its aspect ratio kept."""
+    scale = INPUT_SIZE / max(frame_h, frame_w)
+    return max(1, round(frame_w * scale)), max(1, round(frame_h * scale))
 
 
 def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -147,8 +132,7 @@ class Letterbox:
         self._geometry: tuple[int, int] | None = None  # the buffers below are laid out on the first frame
 
     def _layout(self, h: int, w: int) -> None:
-        scale = INPUT_SIZE / max(h, w)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        nw, nh = fitted_size(h, w)
         rows = input_rows(h, w) if self.adaptive_rows else INPUT_SIZE
         ox, oy = (INPUT_SIZE - nw) // 2, (rows - nh) // 2
         self.tensor = np.full((1, rows, INPUT_SIZE, 3), -1.0, dtype=np.float32)  # black after scaling: bars

@@ -7,17 +7,40 @@ import numpy as np
 import pytest
 
 from appliance.vision.detector import (
+    INPUT_SIZE,
     ROW_MARGIN,
     BlazeFaceDetector,
     Detection,
     Letterbox,
     anchor_centres_px,
     input_rows,
-    ssd_anchors,
     to_input_tensor,
     weighted_nms,
 )
 from tests.vision.conftest import read_image
+
+
+def ssd_anchors(input_size: int = INPUT_SIZE, strides: tuple[int, ...] = (8, 16, 16, 16)) -> np.ndarray:
+    """MediaPipe's SsdAnchorsCalculator algorithm (the reference the product's anchor_centres_px is held to):
+    anchor centres (K, 2) in [0, 1] for this model.
+
+    Consecutive layers with the same stride share one grid; each layer adds 2 anchors per cell
+    (aspect ratio 1 plus the interpolated scale), and `fixed_anchor_size` makes every anchor 1x1,
+    so only the centres matter. Short range: 16*16*2 + 8*8*6 = 896.
+    """
+    centres: list[np.ndarray] = []
+    i = 0
+    while i < len(strides):
+        stride = strides[i]
+        same = 0
+        while i < len(strides) and strides[i] == stride:
+            same += 1
+            i += 1
+        grid = int(np.ceil(input_size / stride))
+        ys, xs = np.meshgrid((np.arange(grid) + 0.5) / grid, (np.arange(grid) + 0.5) / grid, indexing="ij")
+        cells = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        centres.append(np.repeat(cells, 2 * same, axis=0))
+    return np.concatenate(centres).astype(np.float32)
 
 
 def _inside(point: np.ndarray, box: tuple[float, float, float, float]) -> bool:
