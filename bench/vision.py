@@ -226,15 +226,19 @@ GPU_MATRIX: tuple[tuple[str, dict[str, Any], str], ...] = (
 )
 
 
+GPU_EMOTION_MODEL = "emotion_cnn48"  # FP32: TensorRT makes its own INT8 (the CPU boxes' QDQ build is for ORT CPU)
+
+
 def gpu_matrix(video: Path, size: tuple[int, int], limit: int, calibration: Path | None,
-               only: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+               only: list[str] | None = None, emotion_model: str | None = None,
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Each GPU_MATRIX row that really runs where it says (1 thread, detect every frame); the others are
     listed as skipped with the reason (no TensorRT, no CUDA EP in this onnxruntime, a failed build)."""
     runs, skipped = [], []
     for label, overrides, want in GPU_MATRIX:
         if only and not any(o.lower() in label.lower() for o in only):
             continue
-        vision = dict(overrides)
+        vision = {"emotion_model": emotion_model or GPU_EMOTION_MODEL, **overrides}
         if vision.get("precision") == "int8" and vision.get("runtime") == "tensorrt":
             if calibration is None:
                 skipped.append({"label": label, "why": "no calibration set"})
@@ -507,17 +511,19 @@ def main(argv: list[str]) -> int:
         from appliance.models.calibrate import calibrate
 
         calibration = Path(tempfile.mkdtemp(prefix="bench-calib-", dir="/tmp"))
-        calibrate(calibration, video=args.video, every=3, frames=300)
+        calibrate(calibration, video=args.video, every=3, frames=300,
+                  emotion_model=(args.emotion_model or GPU_EMOTION_MODEL) if args.gpu_matrix else args.emotion_model)
     if calibration is not None and vision.get("precision") == "int8":
         vision["calibration_dir"] = str(calibration)
     gpu_skipped: list[dict[str, Any]] = []
     if args.gpu_matrix:
         only = [o.strip() for o in args.only.split(",")] if args.only else None
-        runs, gpu_skipped = gpu_matrix(args.video, size, args.frames, calibration, only)
+        runs, gpu_skipped = gpu_matrix(args.video, size, args.frames, calibration, only, args.emotion_model)
         if not runs:
             raise SystemExit(f"bench vision: no configuration ran: {gpu_skipped}")
         head = min(runs, key=lambda r: r["p50_ms"])
-        vision = {k: v for k, v in GPU_MATRIX[[x[0] for x in GPU_MATRIX].index(head["label"])][1].items()}
+        vision = {"emotion_model": args.emotion_model or GPU_EMOTION_MODEL,
+                  **GPU_MATRIX[[x[0] for x in GPU_MATRIX].index(head["label"])][1]}
         if vision.get("precision") == "int8" and vision.get("runtime") == "tensorrt":
             vision["calibration_dir"] = str(calibration)
         fer, why = (None, "not asked for (--no-peer)") if args.no_peer else run_fer(args.video, args.frames)

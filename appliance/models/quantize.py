@@ -1,4 +1,6 @@
-"""`python -m appliance.models.quantize`: the INT8 (QDQ) build of one of our emotion models, for CPU boxes.
+"""Q/DQ (INT8) builds of our models: `qdq_model` (two profiles: TensorRT's explicit quantisation, used by
+`appliance/vision/trt_engine.py`, and ONNX Runtime's CPU kernels), and `python -m appliance.models.quantize`,
+the INT8 build of one of our emotion models that CPU boxes run.
 
 Build time only (needs `onnx`: run it with the training venv, `make quantize-emotion`). ONNX Runtime's
 static quantization, as its docs describe: calibration on real inputs (a seeded sample of FER2013
@@ -55,6 +57,60 @@ def _images(data: Path, count: int, skip: int, seed: int) -> np.ndarray:
     return prepare_gray(imgs, size=48)[..., None].astype(np.float32)
 
 
+class _ArrayReader:
+    """onnxruntime.quantization CalibrationDataReader over a calibration array."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int) -> None:
+        self._it = (np.ascontiguousarray(data[i:i + batch]) for i in range(0, len(data), batch))
+        self._name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {self._name: x}
+
+
+def qdq_model(onnx_path: Path, calibration: np.ndarray, out_path: Path, method: str = "entropy",
+              batch: int = 8, profile: str = "tensorrt", exclude: list[str] | None = None) -> Path:
+    """Explicitly quantised (Q/DQ) copy of a model, calibrated on `calibration` (onnxruntime.quantization,
+    on CPU; `onnx` must be installed). Two profiles, one per runtime that reads the file:
+
+    - "tensorrt": TensorRT's explicit-quantisation rules: int8 symmetric (zero point 0) activations and
+      per-channel weights, bias left in float, Q/DQ only around the ops that have int8 kernels (Conv,
+      MatMul, Gemm) (`appliance/vision/trt_engine.py` builds its INT8 engines from this);
+    - "cpu": what ONNX Runtime's x86 integer kernels want: uint8 (asymmetric) activations, int8
+      per-channel weights, every op it can quantise except the nodes in `exclude`.
+    """
+    from onnxruntime.quantization import (  # noqa: PLC0415 - build time only
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+               "percentile": CalibrationMethod.Percentile}
+    import onnxruntime as ort  # noqa: PLC0415
+
+    name = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    reader = _ArrayReader(name, calibration.astype(np.float32), batch)
+    if profile == "tensorrt":
+        quantize_static(str(onnx_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=methods[method], op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        nodes_to_exclude=exclude or [],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                       "DedicatedQDQPair": False})
+    elif profile == "cpu":
+        quantize_static(str(onnx_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=methods[method], nodes_to_exclude=exclude or [])
+    else:
+        raise ValueError(f"unknown quantisation profile {profile!r}; choose tensorrt or cpu")
+    return out_path
+
+
 def _fp32_nodes(model_path: Path) -> list[str]:
     """The first Conv and every node after the last Conv (the head) stay FP32."""
     import onnx
@@ -69,13 +125,6 @@ def _fp32_nodes(model_path: Path) -> list[str]:
 
 def quantize(model: str, data: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     entry = load_manifest(models_dir).entry(model)
@@ -89,20 +138,10 @@ def quantize(model: str, data: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> P
     calib = _images(data, CALIBRATION_IMAGES, 0, SEED)
     held = _images(data, PARITY_IMAGES, CALIBRATION_IMAGES, SEED)
     input_name = entry.inputs[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter([{input_name: calib[i:i + 32]} for i in range(0, len(calib), 32)])
-
-        def get_next(self) -> dict | None:
-            return next(self._it, None)
-
     quant_pre_process(str(src), str(pre))
     keep = _fp32_nodes(pre)
     try:
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep)
+        qdq_model(pre, calib, out, method="minmax", profile="cpu", exclude=keep, batch=32)
     finally:
         pre.unlink(missing_ok=True)
     _stamp(out, {"source_sha256": entry.output.sha256, "recipe": RECIPE_PATH, "quantized_from": model})

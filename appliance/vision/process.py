@@ -26,6 +26,7 @@ from appliance.vision.affect_map import engagement, valence_arousal
 from appliance.vision.detector import BlazeFaceDetector
 from appliance.vision.emotion import DEFAULT_EMOTION_MODEL, EmotionClassifier, crop_faces
 from appliance.vision.metrics import VisionMetrics
+from appliance.vision.runtime import resolve_providers
 from appliance.vision.tracker import IoUTracker
 from appliance.vision.trt_engine import create_vision_session
 
@@ -40,6 +41,20 @@ _NO_PROBS = np.zeros((0, 7), np.float32)
 def emotion_model_name(cfg: ApplianceConfig) -> str:
     """The manifest entry of the emotion model to run: `vision.emotion_model` if the config has it."""
     return getattr(cfg.vision, "emotion_model", None) or EMOTION_MODEL
+
+
+def runs_on_gpu(v) -> bool:  # noqa: ANN001 - the config's vision section
+    """Whether the vision models will run on a GPU here: native TensorRT that loads, or an ONNX Runtime
+    GPU provider this build has, first in the configured chain."""
+    if v.runtime == "tensorrt":
+        try:
+            from appliance.vision.trt_engine import _trt
+
+            _trt()
+            return True
+        except Exception:  # noqa: BLE001 - ModelError: no TensorRT here; ONNX Runtime's chain decides
+            pass
+    return resolve_providers(v.providers)[0] != "CPUExecutionProvider"
 
 
 @dataclass
@@ -94,8 +109,15 @@ class VisionPipeline:
         calib = getattr(v, "calibration_dir", None)
         calib_dir = Path(cfg.path(calib)) if calib else None
         self.emotion_model = emotion_model_name(cfg)
-        if manifest.entry(self.emotion_model).task != "emotion":
+        entry = manifest.entry(self.emotion_model)
+        if entry.task != "emotion":
             raise ModelError(f"vision.emotion_model {self.emotion_model!r} is not an emotion model")
+        if entry.source.package == "own-quantization" and runs_on_gpu(v):
+            # A QDQ build is for ONNX Runtime's CPU integer kernels; a GPU runs the FP32 network (TensorRT
+            # makes its own INT8 from a calibration set), so it is not quantised twice.
+            log.info("vision: %s is an INT8 build for CPUs; running its FP32 base %s on the GPU",
+                     self.emotion_model, entry.source.base_model)
+            self.emotion_model = entry.source.base_model
         # vision.runtime picks native TensorRT or ONNX Runtime (the default; also the fallback everywhere)
         det = create_vision_session(model_path(models_dir, DETECTOR_MODEL), DETECTOR_MODEL, v, cache, calib_dir,
                                     max_batch=1)

@@ -45,6 +45,7 @@ import numpy as np
 
 from appliance.errors import ModelError
 from appliance.models.manifest import file_sha256
+from appliance.models.quantize import qdq_model
 
 log = logging.getLogger(__name__)
 
@@ -321,47 +322,6 @@ class _Memory:
 
 
 # -- ONNX rewrites for strongly typed builds (TensorRT >= 11) -----------------------------------------
-class _ArrayReader:
-    """onnxruntime.quantization CalibrationDataReader over a calibration array."""
-
-    def __init__(self, input_name: str, data: np.ndarray, batch: int) -> None:
-        self._it = (np.ascontiguousarray(data[i:i + batch]) for i in range(0, len(data), batch))
-        self._name = input_name
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        x = next(self._it, None)
-        return None if x is None else {self._name: x}
-
-
-def qdq_model(onnx_path: Path, calibration: np.ndarray, out_path: Path, method: str = "entropy",
-              batch: int = CALIB_BATCH) -> Path:
-    """Explicitly quantised (Q/DQ, symmetric int8) copy of a model, calibrated on `calibration`.
-
-    TensorRT's explicit-quantisation rules: int8 symmetric (zero point 0) activations and per-channel
-    weights, bias left in float, Q/DQ only around the ops that have int8 kernels (Conv, MatMul, Gemm).
-    Runs on CPU (onnxruntime.quantization; `onnx` must be installed).
-    """
-    from onnxruntime.quantization import (  # noqa: PLC0415 - build time only
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    methods = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-               "percentile": CalibrationMethod.Percentile}
-    name = onnx_inputs(onnx_path)[0][0]
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(str(onnx_path), str(out_path), _ArrayReader(name, calibration.astype(np.float32), batch),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, calibrate_method=methods[method],
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                                   "DedicatedQDQPair": False})
-    return out_path
-
-
 def fp16_model_bytes(onnx_path: Path) -> bytes:
     """The model with float16 weights and compute, float32 inputs/outputs (onnxruntime's converter)."""
     import onnx  # noqa: PLC0415 - build time only

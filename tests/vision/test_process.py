@@ -44,6 +44,19 @@ def test_pipeline_runs_the_product_emotion_model_and_says_so(pipeline: VisionPip
     assert pipeline.classifier.size == 48 and "+emotion_cnn48_int8@" in pipeline.model_version
 
 
+def test_a_gpu_runs_the_fp32_base_of_the_cpu_int8_model(tmp_path: Path, monkeypatch):
+    """The INT8 (QDQ) build is for CPUs: where the models run on a GPU the pipeline takes its FP32 base
+    (TensorRT quantises that itself), and says so in the model version; on CPU it keeps the INT8 build."""
+    import appliance.vision.process as vp
+
+    assert not vp.runs_on_gpu(_cfg(tmp_path).vision)  # this machine: CPU only
+    monkeypatch.setattr(vp, "runs_on_gpu", lambda v: True)
+    p = VisionPipeline(_cfg(tmp_path))
+    assert p.emotion_model == "emotion_cnn48" and "+emotion_cnn48@" in p.model_version
+    cfg = _cfg(tmp_path).with_overrides(vision={"emotion_model": "emotion_vgg48_ms"})
+    assert VisionPipeline(cfg).emotion_model == "emotion_vgg48_ms"  # not a quantised build: unchanged
+
+
 def test_emotion_model_is_selectable_by_config(tmp_path: Path):
     """`vision.emotion_model` picks another manifest entry; its crop side follows; a non-emotion entry fails."""
     from appliance.errors import ConfigError
