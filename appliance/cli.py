@@ -231,6 +231,11 @@ def federation_simulate(
         local_epochs: int = typer.Option(2),
         server_lr: float = typer.Option(5.0, help="server step on the noisy mean update"),
         server_shrink: float = typer.Option(0.0, help="soft threshold on the noisy mean, in noise std"),
+        server_opt: str = typer.Option("sgd", help="server optimiser on the noisy mean: sgd, momentum, adam"),
+        server_beta1: float = typer.Option(0.9, help="server momentum / Adam first-moment decay"),
+        server_beta2: float = typer.Option(0.99, help="server Adam second-moment decay"),
+        server_tau: float = typer.Option(1.0, help="server Adam adaptivity, in noise std of the round"),
+        average_from: int = typer.Option(0, help="publish the mean of the heads after rounds >= this (0: last)"),
         dropout: float = typer.Option(0.0, help="share of boxes that drop after sharing keys"),
         seed: int = typer.Option(0),
         json_out: Path | None = typer.Option(None, "--json")) -> None:
@@ -240,6 +245,8 @@ def federation_simulate(
     result = simulate(interactions, bundle, nodes=nodes, rounds=rounds, epsilon=epsilon, delta=delta,
                       clip=clip, cohort=cohort, compression=compression, pack=pack, always_popular=always_popular, lr=lr, lr_adapter=lr_adapter,
                       lr_features=lr_features, local_epochs=local_epochs, server_lr=server_lr, server_shrink=server_shrink,
+                      server_opt=server_opt, server_beta1=server_beta1, server_beta2=server_beta2,
+                      server_tau=server_tau, average_from=average_from,
                       panel_share=panel_share, start_bundle=start_bundle, dropout=dropout, seed=seed,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     write_json(result, json_out)

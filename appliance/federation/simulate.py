@@ -81,8 +81,15 @@ def auto_num_shares(cohort: int) -> tuple[float | int, float | int]:
 
 
 def load_fleet(interactions: Path, bundle_dir: Path, nodes: int | None, max_examples: int,
-               log: Callable[[str], None]) -> FleetData:
+               log: Callable[[str], None], holdout: int = 1) -> FleetData:
+    """The fleet's boxes. holdout 1 (the run): each box holds its history without its last title, the
+    test title. holdout 2 (tuning, `tune`): the test title is dropped altogether and the title before
+    it is held out instead (the box trains without it; `targets` are those validation titles), so
+    settings can be compared on the fleet's own users without any test title in play."""
     from appliance.ranking.bundle import RankerBundle
+
+    if holdout not in (1, 2):
+        raise ValueError("holdout must be 1 (test) or 2 (validation)")
 
     split = leave_last_out(read_interactions(interactions))
     bundle = RankerBundle.load(bundle_dir)
@@ -98,6 +105,8 @@ def load_fleet(interactions: Path, bundle_dir: Path, nodes: int | None, max_exam
     boxes, eval_hist, hists, targets = [], [], [], []
     for u in range(n):
         rows = to_row[split.seqs[u]]
+        if holdout == 2:
+            rows = rows[:-1]
         hist = rows[:-1][rows[:-1] >= 0]
         pairs = examples_from_history(hist, max_examples)
         if pairs:
@@ -138,7 +147,8 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
              epsilon: float = 2.0, delta: float = 1e-5, clip: float = 0.25, cohort: int | None = None,
              compression: float = 12.0, pack: int = 2, always_popular: int = 300, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
              lr: float = 5.0, lr_adapter: float = 0.05, lr_features: float = 0.5, features: bool = True,
-             server_lr: float = 5.0, server_shrink: float = 0.0,
+             server_lr: float = 5.0, server_shrink: float = 0.0, server_opt: str = "sgd",
+             server_beta1: float = 0.9, server_beta2: float = 0.99, server_tau: float = 1.0, average_from: int = 0,
              central_epochs: int = 2, panel_share: float = 0.2, start_bundle: Path | None = None,
              dropout: float = 0.0, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     from appliance.federation.accounting import participation
@@ -171,7 +181,9 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
                     compression=compression, pack=pack, always_rows=",".join(str(int(r)) for r in popular), run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
                     n_items=shape.n_items, dim=shape.dim, rank=rank, n_feat=n_feat, head_seed=seed, lr=lr,
                     lr_adapter=lr_adapter, lr_features=lr_features,
-                    server_lr=server_lr, server_shrink=server_shrink, local_epochs=local_epochs, timeout=120.0)
+                    server_lr=server_lr, server_shrink=server_shrink, server_opt=server_opt,
+                    server_beta1=server_beta1, server_beta2=server_beta2, server_tau=server_tau,
+                    average_from=average_from, local_epochs=local_epochs, timeout=120.0)
     rng = np.random.default_rng(seed)
     n_drop = int(round(dropout * m))
     drop = {1000 + int(i): "collect_masked_vectors" for i in rng.choice(n, size=n_drop, replace=False)}
@@ -242,7 +254,8 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
                             "feature_weights": n_feat},
         "settings": {"clip": clip, "compression": compression, "pack": pack, "always_popular": always_popular, "rank": rank, "max_examples": max_examples,
                      "local_epochs": local_epochs, "lr": lr, "lr_adapter": lr_adapter, "lr_features": lr_features,
-                     "server_lr": server_lr,
+                     "server_lr": server_lr, "server_opt": server_opt, "server_beta1": server_beta1,
+                     "server_beta2": server_beta2, "server_tau": server_tau, "average_from": average_from,
                      "server_shrink": server_shrink, "central_epochs": central_epochs, "seed": seed},
         "stopped": res.stopped,
         "start_seconds": round(t_start, 2),

@@ -1,0 +1,185 @@
+"""Tuning the federated run on validation only: a numpy replay of the run's arithmetic, no test title.
+
+`appliance federation simulate` runs the real Flower ServerApp and ClientApps (SecAgg+, packing,
+clipping, central noise): 8-25 minutes for the 610-box fleet on this machine. Comparing settings needs
+many runs and several noise draws each, so this module replays the *same arithmetic* without the
+transport:
+
+    every round: the round's aligned subset (`model.round_subset`), each box's `model.client_update`
+    on the head as the box receives it (float32), `packing.encode` of its clipped update and the
+    dequantised vector the server unpacks from the exact integer sum (pack > 1), the sum over the
+    planned cohort, N(0, (z C)^2) noise with z from `accounting.calibrate_noise`, and the server's
+    step (`flower_app.soft_threshold` + `server_opt.ServerOptimizer`, the same code the ServerApp runs).
+
+SecAgg+ delivers the exact sum of the boxes' packed integers (the wire tests check that), so a replay
+differs from a run of the same settings only by the random draws (noise, stochastic rounding).
+
+What it is scored on: `simulate.load_fleet(..., holdout=2)`. The test title of every user is dropped
+altogether and the title before it is every box's held-out validation title (the box trains without
+it); the score is NDCG@10 on those titles of the users outside the central panel (the panel users'
+second-to-last titles were in the panel start's training data). start_only and centralized (pooled
+examples, no DP, same head, same step sizes as `simulate`) are scored on the same titles, so a
+setting is compared as fed / centralized on validation. Test titles never enter this module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.federation import packing
+from appliance.federation.model import HeadShape, client_update, local_train, round_subset, subset_size
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The run's knobs (the defaults are `simulate`'s)."""
+
+    rounds: int = 20
+    epsilon: float = 2.0
+    delta: float = 1e-5
+    clip: float = 0.25
+    compression: float = 12.0
+    pack: int = 2
+    always_popular: int = 300
+    rank: int = 4
+    local_epochs: int = 2
+    batch: int = 64
+    lr: float = 5.0
+    lr_adapter: float = 0.05
+    lr_features: float = 0.5
+    server_lr: float = 5.0
+    server_shrink: float = 0.0
+    server_opt: str = "sgd"
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1.0
+    average_from: int = 0
+    seed: int = 0
+    noise_multiplier: float = 0.0      # > 0: this z instead of the one calibrated for epsilon (tests)
+
+
+def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambda m: None,
+           bases: list[np.ndarray] | None = None, noise=None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The head a run of setting `s` publishes on fleet `data` (all its boxes, every round), with the
+    noise and the stochastic rounding drawn from `noise_seed` (`noise`: another source of the Gaussian
+    noise, tests); and what the run spent."""
+    from appliance.federation.accounting import calibrate_noise, epsilon as eps_of
+    from appliance.federation.flower_app import soft_threshold
+    from appliance.federation.server_opt import ServerOptimizer
+
+    n = len(data.boxes)
+    n_feat = data.features.shape[1] if data.features is not None else 0
+    shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
+    feats = data.features.astype(np.float32) if n_feat else None
+    items32 = data.items.astype(np.float32)
+    if bases is None:
+        bases = [q.astype(np.float32) @ items32.T for q, _ in data.boxes]
+    z = s.noise_multiplier or calibrate_noise(s.epsilon, s.delta, s.rounds, "full", n, n)
+    k = subset_size(shape.n_params, s.compression, s.pack)
+    spec = packing.plan(s.pack, n, s.clip) if s.pack > 1 else None
+    fixed = np.sort(np.argsort(-data.popularity, kind="stable")[:s.always_popular]) if s.always_popular else None
+    rng = np.random.default_rng(noise_seed)
+    opt = ServerOptimizer(shape.n_params, kind=s.server_opt, lr=s.server_lr, beta1=s.server_beta1,
+                          beta2=s.server_beta2, tau=s.server_tau, average_from=s.average_from)
+    theta = shape.initial(seed=s.seed)
+    std = z * s.clip / n
+    for r in range(1, s.rounds + 1):
+        t0 = time.monotonic()
+        sent = theta.astype(np.float32).astype(np.float64)  # the box gets the head as float32
+        total = np.zeros(k)
+        for (q, t), base in zip(data.boxes, bases):
+            sub, _ = client_update(shape, sent, q.astype(np.float32), t, items32, server_round=r,
+                                   run_seed=s.seed, k=k, clip=s.clip, fixed=fixed, lr=s.lr,
+                                   lr_adapter=s.lr_adapter, lr_features=s.lr_features, epochs=s.local_epochs,
+                                   batch=s.batch, seed=r, base=base, features=feats)
+            if spec is not None:
+                enc = packing.encode(sub, spec, s.clip, rng)
+                sub = packing.dequantise(packing.unpack((enc + packing.INT_OFFSET).astype(np.int64), k, spec), spec)
+            total += sub
+        noisy = total / n + (noise or rng).normal(0.0, std, size=k)
+        idx = round_subset(shape.n_params, k, r, s.seed, always=shape.n_feat, fixed=fixed)
+        theta = opt.step(theta, idx, soft_threshold(noisy, s.server_shrink * std), r, std)
+        log(f"round {r}: {time.monotonic() - t0:.1f}s")
+    info = {"noise_multiplier": z, "noise_std": std, "subset_k": k, "n_params": shape.n_params,
+            "epsilon": eps_of(z, s.rounds, s.delta, "full", n, n) if not s.noise_multiplier else None}
+    return opt.published(theta), info
+
+
+def references(data, s: Setting, central_epochs: int = 2) -> dict[str, np.ndarray]:
+    """start_only and centralized heads (as `simulate` makes them) for fleet `data`."""
+    n_feat = data.features.shape[1] if data.features is not None else 0
+    shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
+    feats = data.features.astype(np.float32) if n_feat else None
+    theta0 = shape.initial(seed=s.seed)
+    q = np.concatenate([b[0] for b in data.boxes if len(b[1])])
+    t = np.concatenate([b[1] for b in data.boxes if len(b[1])])
+    central = local_train(shape, theta0, q, t, data.items, lr=s.lr, lr_adapter=s.lr_adapter,
+                          lr_features=s.lr_features, epochs=central_epochs, batch=256, seed=s.seed, features=feats)
+    return {"start_only": theta0, "centralized": central}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m appliance.federation.tune CONFIGS.json OUT.jsonl [--draws N] [--nodes N]
+
+    CONFIGS.json: a list of {"name": ..., <Setting field>: value, ...}; each is replayed with N noise
+    draws (seeds 1..N) and one JSON line per draw is appended to OUT.jsonl (fleet validation NDCG@10)."""
+    import argparse
+
+    from appliance.federation.panel import panel_bundle, split_panel
+    from appliance.federation.simulate import load_fleet, metrics10, read_users
+
+    ap = argparse.ArgumentParser(prog="python -m appliance.federation.tune")
+    ap.add_argument("configs", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--draws", type=int, default=1)
+    ap.add_argument("--first-draw", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=None)
+    ap.add_argument("--interactions", type=Path, default=Path("../shared/datasets/movielens-small/ratings.csv"))
+    ap.add_argument("--bundle", type=Path, default=Path("models/ranker"))
+    a = ap.parse_args(argv)
+
+    def log(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
+
+    configs = json.loads(a.configs.read_text())
+    start_dir, _ = panel_bundle(a.interactions, a.bundle, log=log)
+    data = load_fleet(a.interactions, start_dir, a.nodes, 50, log, holdout=2)
+    n = len(data.boxes)
+    split = split_panel(len(read_users(a.interactions)), 0.2, 0)
+    val_users = split.fleet[split.fleet < n]
+    items32 = data.items.astype(np.float32)
+    bases = [q.astype(np.float32) @ items32.T for q, _ in data.boxes]
+    base_setting = Setting()
+    n_feat = data.features.shape[1]
+    refs = references(data, base_setting)
+    ref_scores = {name: metrics10(HeadShape(data.items.shape[0], data.items.shape[1], 4, n_feat), th, data,
+                                  val_users)["NDCG@10"] for name, th in refs.items()}
+    log(f"fleet validation ({len(val_users)} users' second-to-last titles): {ref_scores}")
+    for cfg in configs:
+        cfg = dict(cfg)
+        name = cfg.pop("name")
+        s = replace(base_setting, **cfg)
+        shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
+        for draw in range(a.first_draw, a.first_draw + a.draws):
+            t0 = time.monotonic()
+            head, info = replay(data, s, noise_seed=draw, bases=bases)
+            nd = metrics10(shape, head, data, val_users)["NDCG@10"]
+            row = {"name": name, "draw": draw, "fleet_val.NDCG@10": nd,
+                   "over_centralized": round(nd / ref_scores["centralized"], 4),
+                   "references": ref_scores, "val_users": int(len(val_users)), "setting": asdict(s),
+                   **info, "seconds": round(time.monotonic() - t0, 1)}
+            log(json.dumps({k: row[k] for k in ("name", "draw", "fleet_val.NDCG@10", "over_centralized", "seconds")}))
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
