@@ -73,7 +73,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from appliance.federation import packing
 from appliance.federation.accounting import PrivacyLedger, calibrate_noise
-from appliance.federation.model import HeadShape, client_update, round_subset, subset_size
+from appliance.federation.model import HeadShape, client_update, lr_vector, round_subset, subset_size
 from appliance.federation.segments import secure_rng
 from appliance.federation.server_opt import ServerOptimizer
 
@@ -99,6 +99,8 @@ class RunSettings:
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
+    server_lr_adapter: float = 0.0     # the server's step on the adapter's coordinates (0: server_lr)
+    server_lr_features: float = 0.0    # ... and on the feature weights' (0: server_lr)
     server_opt: str = "sgd"            # the server's optimiser on the release: sgd | momentum | adam (`server_opt`)
     server_beta1: float = 0.9          # momentum / Adam's first moment
     server_beta2: float = 0.99         # Adam's second moment
@@ -266,6 +268,14 @@ def soft_threshold(x: np.ndarray, lam: float) -> np.ndarray:
     return np.sign(x) * np.maximum(np.abs(x) - lam, 0.0)
 
 
+def server_lrs(s: RunSettings) -> float | np.ndarray:
+    """The server's step size: one number, or one per parameter when the adapter's or the feature
+    weights' differ from the biases' (`server_lr_adapter`, `server_lr_features`; 0 = server_lr)."""
+    if not s.server_lr_adapter and not s.server_lr_features:
+        return s.server_lr
+    return lr_vector(s.shape, s.server_lr, s.server_lr_adapter or s.server_lr, s.server_lr_features or s.server_lr)
+
+
 class SubsetFedAvg(FedAvg):
     """FedAvg over this round's aligned coordinate subset of the head, on a fixed-size cohort."""
 
@@ -282,7 +292,7 @@ class SubsetFedAvg(FedAvg):
         self.upload_ints = self.spec.packed_len(self.k) if self.spec else self.k  # SecAgg+ coordinates (+1 weight)
         self.theta = np.asarray(theta0, dtype=np.float64)
         self.last_sampled = 0
-        self.opt = ServerOptimizer(self.shape.n_params, kind=settings.server_opt, lr=settings.server_lr,
+        self.opt = ServerOptimizer(self.shape.n_params, kind=settings.server_opt, lr=server_lrs(settings),
                                    beta1=settings.server_beta1, beta2=settings.server_beta2, tau=settings.server_tau,
                                    average_from=settings.average_from)
 

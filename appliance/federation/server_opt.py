@@ -16,6 +16,11 @@ keeps per-coordinate state and touches only the coordinates a round released:
               release is at the noise level moves about lr * u / tau, a strong one about lr (its step is
               bounded), so lr is in units of the head's parameters.
 
+The step size may differ per part of the head (title biases, adapter, feature weights: `lr` is then
+one entry per parameter). The feature weights w are pushed the same way by almost every box (strong
+signal), but noise on one w_j shifts the bias of every title with feature j at once, so they may want
+a smaller server step than the biases, whose signal per coordinate is weak.
+
 Iterate averaging (`average_from` = r > 0): the head the run publishes is the mean of the heads after
 rounds r, r+1, ..., R (Polyak-Ruppert tail averaging), which averages out part of the noise carried in
 the last rounds' heads. The per-round heads stay what the optimiser made; only the published one is the
@@ -35,7 +40,7 @@ KINDS = ("sgd", "momentum", "adam")
 class ServerOptimizer:
     n_params: int
     kind: str = "sgd"
-    lr: float = 1.0
+    lr: float | np.ndarray = 1.0   # one step size, or one per parameter (`model.lr_vector`: per part of the head)
     beta1: float = 0.9             # momentum / Adam's first moment
     beta2: float = 0.99            # Adam's second moment
     tau: float = 1.0               # Adam's adaptivity, in noise std of the round (public); > 0
@@ -53,6 +58,8 @@ class ServerOptimizer:
             raise ValueError("beta1 and beta2 must lie in [0, 1)")
         if self.kind == "adam" and not self.tau > 0:
             raise ValueError("adam needs tau > 0")
+        if isinstance(self.lr, np.ndarray) and self.lr.shape != (self.n_params,):
+            raise ValueError(f"per-parameter lr must have {self.n_params} entries")
         if self.average_from < 0:
             raise ValueError("average_from counts rounds from 1 (0: off)")
         self.m = np.zeros(self.n_params)
@@ -68,11 +75,12 @@ class ServerOptimizer:
         if u.shape != idx.shape:
             raise ValueError(f"update of {u.shape} for {idx.shape} coordinates")
         theta = np.array(theta, dtype=np.float64, copy=True)
+        lr = self.lr[idx] if isinstance(self.lr, np.ndarray) else self.lr
         if self.kind == "sgd":
-            theta[idx] += self.lr * u
+            theta[idx] += lr * u
         elif self.kind == "momentum":
             self.m[idx] = self.beta1 * self.m[idx] + u
-            theta[idx] += self.lr * self.m[idx]
+            theta[idx] += lr * self.m[idx]
         else:
             self.t[idx] += 1
             t = self.t[idx]
@@ -81,7 +89,7 @@ class ServerOptimizer:
             mhat = self.m[idx] / (1 - self.beta1 ** t)
             vhat = self.v[idx] / (1 - self.beta2 ** t)
             tau = self.tau * noise_std if noise_std > 0 else self.tau
-            theta[idx] += self.lr * mhat / (np.sqrt(vhat) + tau)
+            theta[idx] += lr * mhat / (np.sqrt(vhat) + tau)
         if self.average_from and server_round >= self.average_from:
             self.avg_sum = theta.copy() if self.avg_sum is None else self.avg_sum + theta
             self.avg_count += 1

@@ -145,9 +145,10 @@ def metrics10(shape: HeadShape, theta: np.ndarray, data: FleetData, users: np.nd
 
 def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, rounds: int = 20,
              epsilon: float = 2.0, delta: float = 1e-5, clip: float = 0.25, cohort: int | None = None,
-             compression: float = 12.0, pack: int = 2, always_popular: int = 300, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
+             compression: float = 12.0, pack: int = 2, always_popular: int = 300, always_adapter: bool = False, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
              lr: float = 5.0, lr_adapter: float = 0.05, lr_features: float = 0.5, features: bool = True,
-             server_lr: float = 5.0, server_shrink: float = 0.0, server_opt: str = "sgd",
+             server_lr: float = 5.0, server_lr_adapter: float = 0.0, server_lr_features: float = 0.0,
+             server_shrink: float = 0.0, server_opt: str = "sgd",
              server_beta1: float = 0.9, server_beta2: float = 0.99, server_tau: float = 1.0, average_from: int = 0,
              central_epochs: int = 2, panel_share: float = 0.2, start_bundle: Path | None = None,
              dropout: float = 0.0, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -174,14 +175,19 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     shape = HeadShape(data.items.shape[0], data.items.shape[1], rank, n_feat)
     feats = data.features.astype(np.float32) if n_feat else None
     shares, threshold = auto_num_shares(m)
-    # the biases of the panel's most watched titles in every round (public: the start bundle's popularity)
-    popular = np.sort(np.argsort(-data.popularity, kind="stable")[:always_popular]) if always_popular else []
+    # the biases of the panel's most watched titles in every round (public: the start bundle's popularity),
+    # and the adapter's coordinates when asked
+    from appliance.federation.tune import always_in
+
+    fixed = always_in(shape, data.popularity, always_popular, always_adapter)
+    popular = fixed if fixed is not None else []
     s = RunSettings(rounds=rounds, epsilon=epsilon, delta=delta, clip=clip, population=n, cohort=m,
                     sampling=participation(n, m),
                     compression=compression, pack=pack, always_rows=",".join(str(int(r)) for r in popular), run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
                     n_items=shape.n_items, dim=shape.dim, rank=rank, n_feat=n_feat, head_seed=seed, lr=lr,
                     lr_adapter=lr_adapter, lr_features=lr_features,
-                    server_lr=server_lr, server_shrink=server_shrink, server_opt=server_opt,
+                    server_lr=server_lr, server_lr_adapter=server_lr_adapter, server_lr_features=server_lr_features,
+                    server_shrink=server_shrink, server_opt=server_opt,
                     server_beta1=server_beta1, server_beta2=server_beta2, server_tau=server_tau,
                     average_from=average_from, local_epochs=local_epochs, timeout=120.0)
     rng = np.random.default_rng(seed)
@@ -252,9 +258,10 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "reconstruction_threshold": threshold,
         "federated_parts": {"title_bias": shape.n_items, "query_adapter": 2 * shape.dim * rank,
                             "feature_weights": n_feat},
-        "settings": {"clip": clip, "compression": compression, "pack": pack, "always_popular": always_popular, "rank": rank, "max_examples": max_examples,
+        "settings": {"clip": clip, "compression": compression, "pack": pack, "always_popular": always_popular, "always_adapter": always_adapter, "rank": rank, "max_examples": max_examples,
                      "local_epochs": local_epochs, "lr": lr, "lr_adapter": lr_adapter, "lr_features": lr_features,
-                     "server_lr": server_lr, "server_opt": server_opt, "server_beta1": server_beta1,
+                     "server_lr": server_lr, "server_lr_adapter": server_lr_adapter,
+                     "server_lr_features": server_lr_features, "server_opt": server_opt, "server_beta1": server_beta1,
                      "server_beta2": server_beta2, "server_tau": server_tau, "average_from": average_from,
                      "server_shrink": server_shrink, "central_epochs": central_epochs, "seed": seed},
         "stopped": res.stopped,

@@ -29,13 +29,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from appliance.federation import packing
-from appliance.federation.model import HeadShape, client_update, local_train, round_subset, subset_size
+from appliance.federation.model import HeadShape, client_update, local_train, lr_vector, round_subset, subset_size
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Setting:
     compression: float = 12.0
     pack: int = 2
     always_popular: int = 300
+    always_adapter: bool = False       # the query adapter's coordinates in every round's subset
     rank: int = 4
     local_epochs: int = 2
     batch: int = 64
@@ -57,6 +59,8 @@ class Setting:
     lr_features: float = 0.5
     server_lr: float = 5.0
     server_shrink: float = 0.0
+    server_lr_adapter: float = 0.0
+    server_lr_features: float = 0.0
     server_opt: str = "sgd"
     server_beta1: float = 0.9
     server_beta2: float = 0.99
@@ -66,12 +70,19 @@ class Setting:
     noise_multiplier: float = 0.0      # > 0: this z instead of the one calibrated for epsilon (tests)
 
 
+@lru_cache(maxsize=None)
+def _noise_and_epsilon(epsilon: float, delta: float, rounds: int, n: int) -> tuple[float, float]:
+    from appliance.federation.accounting import calibrate_noise, epsilon as eps_of
+
+    z = calibrate_noise(epsilon, delta, rounds, "full", n, n)
+    return z, eps_of(z, rounds, delta, "full", n, n)
+
+
 def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambda m: None,
            bases: list[np.ndarray] | None = None, noise=None) -> tuple[np.ndarray, dict[str, Any]]:
     """The head a run of setting `s` publishes on fleet `data` (all its boxes, every round), with the
     noise and the stochastic rounding drawn from `noise_seed` (`noise`: another source of the Gaussian
     noise, tests); and what the run spent."""
-    from appliance.federation.accounting import calibrate_noise, epsilon as eps_of
     from appliance.federation.flower_app import soft_threshold
     from appliance.federation.server_opt import ServerOptimizer
 
@@ -82,21 +93,25 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
     items32 = data.items.astype(np.float32)
     if bases is None:
         bases = [q.astype(np.float32) @ items32.T for q, _ in data.boxes]
-    z = s.noise_multiplier or calibrate_noise(s.epsilon, s.delta, s.rounds, "full", n, n)
+    z, spent = (s.noise_multiplier, None) if s.noise_multiplier else _noise_and_epsilon(s.epsilon, s.delta, s.rounds, n)
     k = subset_size(shape.n_params, s.compression, s.pack)
     spec = packing.plan(s.pack, n, s.clip) if s.pack > 1 else None
-    fixed = np.sort(np.argsort(-data.popularity, kind="stable")[:s.always_popular]) if s.always_popular else None
+    fixed = always_in(shape, data.popularity, s.always_popular, s.always_adapter)
     rng = np.random.default_rng(noise_seed)
-    opt = ServerOptimizer(shape.n_params, kind=s.server_opt, lr=s.server_lr, beta1=s.server_beta1,
+    lr = s.server_lr
+    if s.server_lr_adapter or s.server_lr_features:
+        lr = lr_vector(shape, s.server_lr, s.server_lr_adapter or s.server_lr, s.server_lr_features or s.server_lr)
+    opt = ServerOptimizer(shape.n_params, kind=s.server_opt, lr=lr, beta1=s.server_beta1,
                           beta2=s.server_beta2, tau=s.server_tau, average_from=s.average_from)
     theta = shape.initial(seed=s.seed)
     std = z * s.clip / n
+    norms: list[float] = []
     for r in range(1, s.rounds + 1):
         t0 = time.monotonic()
         sent = theta.astype(np.float32).astype(np.float64)  # the box gets the head as float32
         total = np.zeros(k)
         for (q, t), base in zip(data.boxes, bases):
-            sub, _ = client_update(shape, sent, q.astype(np.float32), t, items32, server_round=r,
+            sub, norm = client_update(shape, sent, q.astype(np.float32), t, items32, server_round=r,
                                    run_seed=s.seed, k=k, clip=s.clip, fixed=fixed, lr=s.lr,
                                    lr_adapter=s.lr_adapter, lr_features=s.lr_features, epochs=s.local_epochs,
                                    batch=s.batch, seed=r, base=base, features=feats)
@@ -104,13 +119,28 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
                 enc = packing.encode(sub, spec, s.clip, rng)
                 sub = packing.dequantise(packing.unpack((enc + packing.INT_OFFSET).astype(np.int64), k, spec), spec)
             total += sub
+            norms.append(norm)
         noisy = total / n + (noise or rng).normal(0.0, std, size=k)
         idx = round_subset(shape.n_params, k, r, s.seed, always=shape.n_feat, fixed=fixed)
         theta = opt.step(theta, idx, soft_threshold(noisy, s.server_shrink * std), r, std)
         log(f"round {r}: {time.monotonic() - t0:.1f}s")
-    info = {"noise_multiplier": z, "noise_std": std, "subset_k": k, "n_params": shape.n_params,
-            "epsilon": eps_of(z, s.rounds, s.delta, "full", n, n) if not s.noise_multiplier else None}
+    norms_a = np.asarray(norms)
+    info = {"clipped_share": round(float((norms_a > s.clip).mean()), 3) if norms else 0.0,
+            "median_update_norm": round(float(np.median(norms_a)), 4) if norms else 0.0,
+            "noise_multiplier": z, "noise_std": std, "subset_k": k, "n_params": shape.n_params,
+            "epsilon": spent}
     return opt.published(theta), info
+
+
+def always_in(shape: HeadShape, popularity: np.ndarray, always_popular: int, always_adapter: bool) -> np.ndarray | None:
+    """The public coordinates in every round (besides the feature weights): the biases of the panel's
+    `always_popular` most watched titles, and the adapter's coordinates when `always_adapter`."""
+    parts = []
+    if always_popular:
+        parts.append(np.argsort(-popularity, kind="stable")[:always_popular])
+    if always_adapter:
+        parts.append(np.arange(shape.n_items, shape.n_params - shape.n_feat))
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else None
 
 
 def references(data, s: Setting, central_epochs: int = 2) -> dict[str, np.ndarray]:
@@ -124,6 +154,21 @@ def references(data, s: Setting, central_epochs: int = 2) -> dict[str, np.ndarra
     central = local_train(shape, theta0, q, t, data.items, lr=s.lr, lr_adapter=s.lr_adapter,
                           lr_features=s.lr_features, epochs=central_epochs, batch=256, seed=s.seed, features=feats)
     return {"start_only": theta0, "centralized": central}
+
+
+def moved(shape: HeadShape, head: np.ndarray, refs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per part of the head (bias, adapter, features): L2 of how far `head` and the centralized head
+    moved from the start, and the cosine between the two moves."""
+    t0, cen = refs["start_only"], refs["centralized"]
+    parts = {"bias": slice(0, shape.n_items), "adapter": slice(shape.n_items, shape.n_params - shape.n_feat),
+             "features": slice(shape.n_params - shape.n_feat, shape.n_params)}
+    out = {}
+    for name, sl in parts.items():
+        a, b = head[sl] - t0[sl], cen[sl] - t0[sl]
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        out[name] = {"fed": round(na, 4), "central": round(nb, 4),
+                     "cos": round(float(a @ b) / (na * nb), 3) if na > 0 and nb > 0 else 0.0}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,13 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nodes", type=int, default=None)
     ap.add_argument("--interactions", type=Path, default=Path("../shared/datasets/movielens-small/ratings.csv"))
     ap.add_argument("--bundle", type=Path, default=Path("models/ranker"))
+    ap.add_argument("--start-bundle", type=Path, default=None, help="instead of the panel start (smoke tests)")
     a = ap.parse_args(argv)
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
 
     configs = json.loads(a.configs.read_text())
-    start_dir, _ = panel_bundle(a.interactions, a.bundle, log=log)
+    start_dir = a.start_bundle or panel_bundle(a.interactions, a.bundle, log=log)[0]
     data = load_fleet(a.interactions, start_dir, a.nodes, 50, log, holdout=2)
     n = len(data.boxes)
     split = split_panel(len(read_users(a.interactions)), 0.2, 0)
@@ -166,13 +212,25 @@ def main(argv: list[str] | None = None) -> None:
     for cfg in configs:
         cfg = dict(cfg)
         name = cfg.pop("name")
+        central_epochs = int(cfg.pop("central_epochs", 0))
         s = replace(base_setting, **cfg)
         shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
+        if central_epochs:  # a centralized variant (no DP): which parts of the head carry the gain
+            head = references(data, s, central_epochs)["centralized"]
+            nd = metrics10(shape, head, data, val_users)["NDCG@10"]
+            row = {"name": name, "central_epochs": central_epochs, "fleet_val.NDCG@10": nd,
+                   "over_centralized": round(nd / ref_scores["centralized"], 4), "setting": asdict(s),
+                   "moved": moved(shape, head, refs)}
+            log(json.dumps({k: row[k] for k in ("name", "fleet_val.NDCG@10", "over_centralized")}))
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            continue
         for draw in range(a.first_draw, a.first_draw + a.draws):
             t0 = time.monotonic()
             head, info = replay(data, s, noise_seed=draw, bases=bases)
             nd = metrics10(shape, head, data, val_users)["NDCG@10"]
             row = {"name": name, "draw": draw, "fleet_val.NDCG@10": nd,
+                   "moved": moved(shape, head, refs), 
                    "over_centralized": round(nd / ref_scores["centralized"], 4),
                    "references": ref_scores, "val_users": int(len(val_users)), "setting": asdict(s),
                    **info, "seconds": round(time.monotonic() - t0, 1)}

@@ -121,3 +121,33 @@ def test_the_replay_matches_a_flower_run_of_the_same_settings(quiet_flower):
     theta0 = s.shape.initial()
     assert np.abs(res.head - theta0).max() > 1e-2
     np.testing.assert_allclose(head, res.head, atol=2e-4)
+
+
+def test_per_part_server_step_sizes():
+    pytest.importorskip("flwr")
+    from appliance.federation.flower_app import RunSettings, server_lrs
+
+    s = RunSettings(n_items=5, dim=2, rank=1, n_feat=3, server_lr=4.0, server_lr_features=0.5)
+    lr = server_lrs(s)
+    np.testing.assert_allclose(lr, [4.0] * 5 + [4.0] * 4 + [0.5] * 3)
+    assert server_lrs(RunSettings(n_items=5, dim=2, server_lr=4.0)) == 4.0
+    opt = ServerOptimizer(12, lr=lr)
+    out = opt.step(np.zeros(12), np.array([0, 11]), np.array([1.0, 1.0]), 1)
+    assert out[0] == 4.0 and out[11] == 0.5
+    with pytest.raises(ValueError):
+        ServerOptimizer(11, lr=lr)
+
+
+def test_always_in_coordinates_are_public_and_every_round():
+    from appliance.federation.model import HeadShape, round_subset
+    from appliance.federation.tune import always_in
+
+    shape = HeadShape(n_items=50, dim=4, rank=2, n_feat=3)
+    pop = np.arange(50, dtype=np.float64)  # title 49 the most watched
+    fixed = always_in(shape, pop, 5, True)
+    adapter = np.arange(50, 50 + 16)
+    np.testing.assert_array_equal(fixed, np.r_[45:50, adapter])
+    assert always_in(shape, pop, 0, False) is None
+    for r in range(1, 6):
+        idx = round_subset(shape.n_params, 30, r, run_seed=7, always=shape.n_feat, fixed=fixed)
+        assert len(idx) == 30 and np.isin(fixed, idx).all() and np.isin(np.arange(66, 69), idx).all()
