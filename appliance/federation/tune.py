@@ -106,10 +106,14 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
     theta = shape.initial(seed=s.seed)
     std = z * s.clip / n
     norms: list[float] = []
+    shares: list[list[float]] = []
     for r in range(1, s.rounds + 1):
         t0 = time.monotonic()
         sent = theta.astype(np.float32).astype(np.float64)  # the box gets the head as float32
         total = np.zeros(k)
+        idx = round_subset(shape.n_params, k, r, s.seed, always=shape.n_feat, fixed=fixed)
+        part_masks = (idx < shape.n_items, (idx >= shape.n_items) & (idx < shape.n_params - shape.n_feat),
+                      idx >= shape.n_params - shape.n_feat)
         for (q, t), base in zip(data.boxes, bases):
             sub, norm = client_update(shape, sent, q.astype(np.float32), t, items32, server_round=r,
                                    run_seed=s.seed, k=k, clip=s.clip, fixed=fixed, lr=s.lr,
@@ -120,13 +124,18 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
                 sub = packing.dequantise(packing.unpack((enc + packing.INT_OFFSET).astype(np.int64), k, spec), spec)
             total += sub
             norms.append(norm)
+            sq = sub * sub
+            tot = float(sq.sum())
+            if tot > 0:
+                shares.append([float(sq[m].sum()) / tot for m in part_masks])
         noisy = total / n + (noise or rng).normal(0.0, std, size=k)
-        idx = round_subset(shape.n_params, k, r, s.seed, always=shape.n_feat, fixed=fixed)
         theta = opt.step(theta, idx, soft_threshold(noisy, s.server_shrink * std), r, std)
         log(f"round {r}: {time.monotonic() - t0:.1f}s")
     norms_a = np.asarray(norms)
     info = {"clipped_share": round(float((norms_a > s.clip).mean()), 3) if norms else 0.0,
             "median_update_norm": round(float(np.median(norms_a)), 4) if norms else 0.0,
+            "update_norm_share": dict(zip(("bias", "adapter", "features"),
+                                          np.round(np.mean(shares, axis=0), 3).tolist())) if shares else {},
             "noise_multiplier": z, "noise_std": std, "subset_k": k, "n_params": shape.n_params,
             "epsilon": spent}
     return opt.published(theta), info
