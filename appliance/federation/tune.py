@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--interactions", type=Path, default=Path("../shared/datasets/movielens-small/ratings.csv"))
     ap.add_argument("--bundle", type=Path, default=Path("models/ranker"))
     ap.add_argument("--start-bundle", type=Path, default=None, help="instead of the panel start (smoke tests)")
+    ap.add_argument("--final", action="store_true",
+                    help="after the selection only: replay on the run's data (holdout 1) and score the fleet "
+                         "users' TEST titles and the panel users' validation titles, as `simulate` does")
     a = ap.parse_args(argv)
 
     def log(m: str) -> None:
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configs = json.loads(a.configs.read_text())
     start_dir = a.start_bundle or panel_bundle(a.interactions, a.bundle, log=log)[0]
-    data = load_fleet(a.interactions, start_dir, a.nodes, 50, log, holdout=2)
+    data = load_fleet(a.interactions, start_dir, a.nodes, 50, log, holdout=1 if a.final else 2)
     n = len(data.boxes)
     split = split_panel(len(read_users(a.interactions)), 0.2, 0)
     val_users = split.fleet[split.fleet < n]
@@ -245,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     bases = [q.astype(np.float32) @ items32.T for q, _ in data.boxes]
     base_setting = Setting()
     n_feat = data.features.shape[1]
+    if a.final:
+        _final(a, configs, data, split.fleet[split.fleet < n], split.panel[split.panel < n], bases, log)
+        return
     refs = references(data, base_setting)
     ref_full = {name: val_metrics(HeadShape(data.items.shape[0], data.items.shape[1], 4, n_feat), th, data, val_users)
                 for name, th in refs.items()}
@@ -281,6 +287,39 @@ def main(argv: list[str] | None = None) -> None:
                    **info, "seconds": round(time.monotonic() - t0, 1)}
             log(json.dumps({k: row[k] for k in ("name", "draw", "fleet_val", "over_centralized", "seconds",
                                                  "clipped_share", "update_norm_share", "moved")}))
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _final(a, configs, data, test_users, panel_users, bases, log) -> None:
+    """The chosen setting's replay draws scored as `simulate` scores a run (test titles of the fleet users,
+    validation titles of the panel users). Only for a setting already chosen on validation."""
+    from appliance.federation.simulate import metrics10
+
+    n_feat = data.features.shape[1]
+    base = Setting()
+    shape0 = HeadShape(data.items.shape[0], data.items.shape[1], base.rank, n_feat)
+    refs = references(data, base)
+    ref = {name: {"test.NDCG@10": metrics10(shape0, th, data, test_users)["NDCG@10"],
+                  "validation_panel_users.NDCG@10": metrics10(shape0, th, data, panel_users)["NDCG@10"]}
+           for name, th in refs.items()}
+    log(f"references: {ref}")
+    for cfg in configs:
+        cfg = dict(cfg)
+        name = cfg.pop("name")
+        s = replace(base, **cfg)
+        shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
+        for draw in range(a.first_draw, a.first_draw + a.draws):
+            t0 = time.monotonic()
+            head, info = replay(data, s, noise_seed=draw, bases=bases)
+            m = metrics10(shape, head, data, test_users)
+            row = {"name": name, "draw": draw, "replay": True, "test.NDCG@10": m["NDCG@10"], "test.HR@10": m["HR@10"],
+                   "over_centralized": round(m["NDCG@10"] / ref["centralized"]["test.NDCG@10"], 4)
+                   if ref["centralized"]["test.NDCG@10"] else None,
+                   "validation_panel_users.NDCG@10": metrics10(shape, head, data, panel_users)["NDCG@10"],
+                   "references": ref, "setting": asdict(s), **info, "seconds": round(time.monotonic() - t0, 1)}
+            log(json.dumps({k: row[k] for k in ("name", "draw", "test.NDCG@10", "over_centralized",
+                                                 "validation_panel_users.NDCG@10", "seconds")}))
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
