@@ -99,8 +99,8 @@ class RunSettings:
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
-    server_lr_adapter: float = 0.0     # the server's step on the adapter's coordinates (0: server_lr)
-    server_lr_features: float = 0.0    # ... and on the feature weights' (0: server_lr)
+    server_lr_adapter: float = -1.0    # the server's step on the adapter's coordinates (< 0: server_lr)
+    server_lr_features: float = -1.0   # ... and on the feature weights' (< 0: server_lr; 0: w stays at the start)
     server_opt: str = "sgd"            # the server's optimiser on the release: sgd | momentum | adam (`server_opt`)
     server_beta1: float = 0.9          # momentum / Adam's first moment
     server_beta2: float = 0.99         # Adam's second moment
@@ -270,10 +270,15 @@ def soft_threshold(x: np.ndarray, lam: float) -> np.ndarray:
 
 def server_lrs(s: RunSettings) -> float | np.ndarray:
     """The server's step size: one number, or one per parameter when the adapter's or the feature
-    weights' differ from the biases' (`server_lr_adapter`, `server_lr_features`; 0 = server_lr)."""
-    if not s.server_lr_adapter and not s.server_lr_features:
-        return s.server_lr
-    return lr_vector(s.shape, s.server_lr, s.server_lr_adapter or s.server_lr, s.server_lr_features or s.server_lr)
+    weights' differ from the biases' (`server_lr_adapter`, `server_lr_features`; < 0: server_lr)."""
+    return part_lrs(s.shape, s.server_lr, s.server_lr_adapter, s.server_lr_features)
+
+
+def part_lrs(shape: HeadShape, lr: float, lr_adapter: float, lr_features: float) -> float | np.ndarray:
+    """lr, or one step size per parameter where the adapter's / feature weights' are set (>= 0)."""
+    if lr_adapter < 0 and lr_features < 0:
+        return lr
+    return lr_vector(shape, lr, lr if lr_adapter < 0 else lr_adapter, lr if lr_features < 0 else lr_features)
 
 
 class SubsetFedAvg(FedAvg):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from appliance.federation import packing
-from appliance.federation.model import HeadShape, client_update, local_train, lr_vector, round_subset, subset_size
+from appliance.federation.model import HeadShape, client_update, local_train, round_subset, subset_size
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Setting:
     lr_features: float = 0.5
     server_lr: float = 5.0
     server_shrink: float = 0.0
-    server_lr_adapter: float = 0.0
-    server_lr_features: float = 0.0
+    server_lr_adapter: float = -1.0
+    server_lr_features: float = -1.0
     server_opt: str = "sgd"
     server_beta1: float = 0.9
     server_beta2: float = 0.99
@@ -83,7 +83,7 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
     """The head a run of setting `s` publishes on fleet `data` (all its boxes, every round), with the
     noise and the stochastic rounding drawn from `noise_seed` (`noise`: another source of the Gaussian
     noise, tests); and what the run spent."""
-    from appliance.federation.flower_app import soft_threshold
+    from appliance.federation.flower_app import part_lrs, soft_threshold
     from appliance.federation.server_opt import ServerOptimizer
 
     n = len(data.boxes)
@@ -98,9 +98,7 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
     spec = packing.plan(s.pack, n, s.clip) if s.pack > 1 else None
     fixed = always_in(shape, data.popularity, s.always_popular, s.always_adapter)
     rng = np.random.default_rng(noise_seed)
-    lr = s.server_lr
-    if s.server_lr_adapter or s.server_lr_features:
-        lr = lr_vector(shape, s.server_lr, s.server_lr_adapter or s.server_lr, s.server_lr_features or s.server_lr)
+    lr = part_lrs(shape, s.server_lr, s.server_lr_adapter, s.server_lr_features)
     opt = ServerOptimizer(shape.n_params, kind=s.server_opt, lr=lr, beta1=s.server_beta1,
                           beta2=s.server_beta2, tau=s.server_tau, average_from=s.average_from)
     theta = shape.initial(seed=s.seed)

@@ -131,6 +131,8 @@ def test_per_part_server_step_sizes():
     lr = server_lrs(s)
     np.testing.assert_allclose(lr, [4.0] * 5 + [4.0] * 4 + [0.5] * 3)
     assert server_lrs(RunSettings(n_items=5, dim=2, server_lr=4.0)) == 4.0
+    frozen = server_lrs(RunSettings(n_items=5, dim=2, rank=1, n_feat=3, server_lr=4.0, server_lr_features=0.0))
+    np.testing.assert_allclose(frozen, [4.0] * 9 + [0.0] * 3)
     opt = ServerOptimizer(12, lr=lr)
     out = opt.step(np.zeros(12), np.array([0, 11]), np.array([1.0, 1.0]), 1)
     assert out[0] == 4.0 and out[11] == 0.5
