@@ -230,12 +230,13 @@ def federation_simulate(
         lr_adapter: float = typer.Option(0.05, help="boxes' local step on the query adapter"),
         lr_features: float = typer.Option(0.5, help="boxes' local step on the title-feature weights"),
         local_epochs: int = typer.Option(2),
-        server_lr: float = typer.Option(5.0, help="server step on the noisy mean update"),
+        server_lr: float = typer.Option(0.05, help="server step on the noisy mean update (adam: at most about this "
+                                        "much per coordinate and round; sgd multiplies the mean by it, 5 was its default)"),
         server_shrink: float = typer.Option(0.0, help="soft threshold on the noisy mean, in noise std"),
         server_lr_adapter: float = typer.Option(-1.0, help="server step on the adapter (< 0: server-lr)"),
         server_lr_features: float = typer.Option(-1.0, help="server step on the feature weights (< 0: server-lr; "
                                                  "0: they stay at the start)"),
-        server_opt: str = typer.Option("sgd", help="server optimiser on the noisy mean: sgd, momentum, adam"),
+        server_opt: str = typer.Option("adam", help="server optimiser on the noisy mean: sgd, momentum, adam"),
         server_beta1: float = typer.Option(0.9, help="server momentum / Adam first-moment decay"),
         server_beta2: float = typer.Option(0.99, help="server Adam second-moment decay"),
         server_tau: float = typer.Option(1.0, help="server Adam adaptivity, in noise std of the round"),

@@ -30,6 +30,9 @@ ServerApp (the cloud aggregator)
         every round) it releases (sum + N(0, (z C)^2)) / m with m the planned cohort instead, the fixed
         denominator that full participation is accounted with (`accounting`);
       - draws its noise from the OS's entropy, not from a seedable generator.
+    `SubsetFedAvg.apply` then hands the noised mean to the server optimiser (`server_opt`: sgd, FedAvgM
+    momentum or FedAdam with per-coordinate state; optional tail averaging of the heads): post-processing
+    of the release, so it costs no privacy.
     Every wait is bounded: SecAgg+ stage timeout, cohort wait, round timeout.
 
 Accounting note: packing changes the encoding, not the mechanism: the sum the server unpacks is the sum
