@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,10 @@ class Setting:
     noise_multiplier: float = 0.0      # > 0: this z instead of the one calibrated for epsilon (tests)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _noise_and_epsilon(epsilon: float, delta: float, rounds: int, n: int) -> tuple[float, float]:
-    from appliance.federation.accounting import calibrate_noise, epsilon as eps_of
+    from appliance.federation.accounting import calibrate_noise
+    from appliance.federation.accounting import epsilon as eps_of
 
     z = calibrate_noise(epsilon, delta, rounds, "full", n, n)
     return z, eps_of(z, rounds, delta, "full", n, n)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from appliance.federation.panel import panel_bundle, split_panel
-    from appliance.federation.simulate import load_fleet, metrics10, read_users
+    from appliance.federation.simulate import load_fleet, read_users
 
     ap = argparse.ArgumentParser(prog="python -m appliance.federation.tune")
     ap.add_argument("configs", type=Path)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             nd = vm["NDCG@10"]
             row = {"name": name, "draw": draw, "fleet_val.NDCG@10": nd, "fleet_val": vm,
                    "references_full": ref_full,
-                   "moved": moved(shape, head, refs), 
+                   "moved": moved(shape, head, refs),
                    "over_centralized": round(nd / ref_scores["centralized"], 4),
                    "references": ref_scores, "val_users": int(len(val_users)), "setting": asdict(s),
                    **info, "seconds": round(time.monotonic() - t0, 1)}
