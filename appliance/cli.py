@@ -225,12 +225,22 @@ def federation_simulate(
         compression: float = typer.Option(12.0, help="dense float32 bytes / SecAgg+ update payload"),
         pack: int = typer.Option(2, help="quantised values packed per SecAgg+ integer (1: no packing)"),
         always_popular: int = typer.Option(300, help="biases of the panel's N most watched titles in every round"),
+        always_adapter: bool = typer.Option(False, help="the query adapter's coordinates in every round"),
         lr: float = typer.Option(5.0, help="boxes' local step on the title biases"),
         lr_adapter: float = typer.Option(0.05, help="boxes' local step on the query adapter"),
         lr_features: float = typer.Option(0.5, help="boxes' local step on the title-feature weights"),
         local_epochs: int = typer.Option(2),
-        server_lr: float = typer.Option(5.0, help="server step on the noisy mean update"),
+        server_lr: float = typer.Option(0.05, help="server step on the noisy mean update (adam: at most about this "
+                                        "much per coordinate and round; sgd multiplies the mean by it, 5 was its default)"),
         server_shrink: float = typer.Option(0.0, help="soft threshold on the noisy mean, in noise std"),
+        server_lr_adapter: float = typer.Option(-1.0, help="server step on the adapter (< 0: server-lr)"),
+        server_lr_features: float = typer.Option(-1.0, help="server step on the feature weights (< 0: server-lr; "
+                                                 "0: they stay at the start)"),
+        server_opt: str = typer.Option("adam", help="server optimiser on the noisy mean: sgd, momentum, adam"),
+        server_beta1: float = typer.Option(0.9, help="server momentum / Adam first-moment decay"),
+        server_beta2: float = typer.Option(0.99, help="server Adam second-moment decay"),
+        server_tau: float = typer.Option(1.0, help="server Adam adaptivity, in noise std of the round"),
+        average_from: int = typer.Option(0, help="publish the mean of the heads after rounds >= this (0: last)"),
         dropout: float = typer.Option(0.0, help="share of boxes that drop after sharing keys"),
         seed: int = typer.Option(0),
         json_out: Path | None = typer.Option(None, "--json")) -> None:
@@ -238,8 +248,10 @@ def federation_simulate(
     from appliance.federation.simulate import simulate, write_json
 
     result = simulate(interactions, bundle, nodes=nodes, rounds=rounds, epsilon=epsilon, delta=delta,
-                      clip=clip, cohort=cohort, compression=compression, pack=pack, always_popular=always_popular, lr=lr, lr_adapter=lr_adapter,
+                      clip=clip, cohort=cohort, compression=compression, pack=pack, always_popular=always_popular, always_adapter=always_adapter, lr=lr, lr_adapter=lr_adapter,
                       lr_features=lr_features, local_epochs=local_epochs, server_lr=server_lr, server_shrink=server_shrink,
+                      server_lr_adapter=server_lr_adapter, server_lr_features=server_lr_features, server_opt=server_opt, server_beta1=server_beta1, server_beta2=server_beta2,
+                      server_tau=server_tau, average_from=average_from,
                       panel_share=panel_share, start_bundle=start_bundle, dropout=dropout, seed=seed,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     write_json(result, json_out)

@@ -30,6 +30,9 @@ ServerApp (the cloud aggregator)
         every round) it releases (sum + N(0, (z C)^2)) / m with m the planned cohort instead, the fixed
         denominator that full participation is accounted with (`accounting`);
       - draws its noise from the OS's entropy, not from a seedable generator.
+    `SubsetFedAvg.apply` then hands the noised mean to the server optimiser (`server_opt`: sgd, FedAvgM
+    momentum or FedAdam with per-coordinate state; optional tail averaging of the heads): post-processing
+    of the release, so it costs no privacy.
     Every wait is bounded: SecAgg+ stage timeout, cohort wait, round timeout.
 
 Accounting note: packing changes the encoding, not the mechanism: the sum the server unpacks is the sum
@@ -73,8 +76,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from appliance.federation import packing
 from appliance.federation.accounting import PrivacyLedger, calibrate_noise
-from appliance.federation.model import HeadShape, client_update, round_subset, subset_size
+from appliance.federation.model import HeadShape, client_update, lr_vector, round_subset, subset_size
 from appliance.federation.segments import secure_rng
+from appliance.federation.server_opt import ServerOptimizer
 
 SECAGG_MODULUS = 2**32
 SHARE_FIELDS = ("num_shares", "reconstruction_threshold")
@@ -98,6 +102,13 @@ class RunSettings:
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
+    server_lr_adapter: float = -1.0    # the server's step on the adapter's coordinates (< 0: server_lr)
+    server_lr_features: float = -1.0   # ... and on the feature weights' (< 0: server_lr; 0: w stays at the start)
+    server_opt: str = "sgd"            # the server's optimiser on the release: sgd | momentum | adam (`server_opt`)
+    server_beta1: float = 0.9          # momentum / Adam's first moment
+    server_beta2: float = 0.99         # Adam's second moment
+    server_tau: float = 1.0            # Adam's adaptivity, in noise std of the round
+    average_from: int = 0              # publish the mean of the heads after rounds >= this (0: the last head)
     num_shares: float | int = 1.0      # SecAgg+: float = share of the cohort, int = count of boxes
     reconstruction_threshold: float | int = 0.5  # each box's secrets are split among / needed to rebuild
     quantization_range: int = 2**22
@@ -260,6 +271,19 @@ def soft_threshold(x: np.ndarray, lam: float) -> np.ndarray:
     return np.sign(x) * np.maximum(np.abs(x) - lam, 0.0)
 
 
+def server_lrs(s: RunSettings) -> float | np.ndarray:
+    """The server's step size: one number, or one per parameter when the adapter's or the feature
+    weights' differ from the biases' (`server_lr_adapter`, `server_lr_features`; < 0: server_lr)."""
+    return part_lrs(s.shape, s.server_lr, s.server_lr_adapter, s.server_lr_features)
+
+
+def part_lrs(shape: HeadShape, lr: float, lr_adapter: float, lr_features: float) -> float | np.ndarray:
+    """lr, or one step size per parameter where the adapter's / feature weights' are set (>= 0)."""
+    if lr_adapter < 0 and lr_features < 0:
+        return lr
+    return lr_vector(shape, lr, lr if lr_adapter < 0 else lr_adapter, lr if lr_features < 0 else lr_features)
+
+
 class SubsetFedAvg(FedAvg):
     """FedAvg over this round's aligned coordinate subset of the head, on a fixed-size cohort."""
 
@@ -276,6 +300,9 @@ class SubsetFedAvg(FedAvg):
         self.upload_ints = self.spec.packed_len(self.k) if self.spec else self.k  # SecAgg+ coordinates (+1 weight)
         self.theta = np.asarray(theta0, dtype=np.float64)
         self.last_sampled = 0
+        self.opt = ServerOptimizer(self.shape.n_params, kind=settings.server_opt, lr=server_lrs(settings),
+                                   beta1=settings.server_beta1, beta2=settings.server_beta2, tau=settings.server_tau,
+                                   average_from=settings.average_from)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -303,14 +330,21 @@ class SubsetFedAvg(FedAvg):
         return [(c, ins) for c in clients]
 
     def apply(self, server_round: int, mean_update: np.ndarray, noise_std: float = 0.0) -> np.ndarray:
-        """theta[subset] += server_lr * shrink(noisy mean). The soft threshold (at server_shrink noise
-        std, a public number) is post-processing of the DP release: it zeroes the coordinates where
-        the mean is indistinguishable from noise (titles few boxes watched) and keeps the rest."""
+        """theta[subset] <- the server optimiser's step on shrink(noisy mean) (`server_opt`; sgd:
+        theta[subset] += server_lr * shrink(noisy mean)). The soft threshold (at server_shrink noise
+        std, a public number) and the optimiser are post-processing of the DP release: the threshold
+        zeroes the coordinates where the mean is indistinguishable from noise (titles few boxes
+        watched) and keeps the rest."""
         idx = round_subset(self.shape.n_params, self.k, server_round, self.settings.run_seed,
                            always=self.shape.n_feat, fixed=self.settings.fixed)
-        self.theta = self.theta.copy()
-        self.theta[idx] += self.settings.server_lr * soft_threshold(mean_update, self.settings.server_shrink * noise_std)
+        u = soft_threshold(mean_update, self.settings.server_shrink * noise_std)
+        self.theta = self.opt.step(self.theta, idx, u, server_round, noise_std)
         return self.theta
+
+    @property
+    def published(self) -> np.ndarray:
+        """The head the run publishes (the tail average of the heads when `average_from` is set)."""
+        return self.opt.published(self.theta)
 
 
 Audit = Callable[[int, list[np.ndarray]], None]
@@ -405,11 +439,11 @@ def run_server(grid: Grid, context: Context, rng=None, audit: Audit | None = Non
     DefaultWorkflow(fit_workflow=secagg_workflow(s))(grid, legacy)
     result = RunResult(settings=asdict(s), noise_multiplier=z, federated_params=s.shape.n_params,
                        subset_k=inner.k, upload_ints=inner.upload_ints, rounds=strategy.records, stopped=strategy.stopped,
-                       seconds=round(time.monotonic() - t0, 3), head=inner.theta)
+                       seconds=round(time.monotonic() - t0, 3), head=inner.published)
     if s.out_dir:
         out = Path(s.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "head.npy", inner.theta)
+        np.save(out / "head.npy", result.head)
         (out / "result.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 
