@@ -5,14 +5,14 @@ the INT8 build of one of our emotion models that CPU boxes run.
 Build time only (needs `onnx`: run it with the training venv, `make quantize-emotion`). ONNX Runtime's
 static quantization, as its docs describe: calibration on real inputs (a seeded sample of FER2013
 training images, cut and scaled exactly as the product's `prepare_gray` does), activations uint8 with
-MinMax ranges, weights int8 per output channel, QDQ format (the same file runs on ONNX Runtime's CPU EP,
-which fuses it into integer kernels, and on TensorRT, which reads explicit Q/DQ).
+MinMax ranges, weights int8 per output channel, QDQ format, for ONNX Runtime's CPU EP (which fuses it into
+integer kernels). A GPU runs the FP32 base instead (`VisionPipeline`; TensorRT makes its own INT8).
 
-What stays FP32, and why (measured on the FER2013 test sample, 350 images, this 2-core AMD EPYC):
-the first convolution (its input is the raw [-1, 1] picture; quantising it cost 2.9 points of accuracy
-and 13 % top-1 agreement with FP32) and the head (the linear layer, the prior shift and the softmax).
-Everything else is INT8: 1.67x faster on one core (0.26 vs 0.43 ms a face), top-1 agreement with FP32
-98.6 %, accuracy 0.660 vs 0.663.
+What stays FP32, and why (measured on the FER2013 test sample, 350 images, this 2-core AMD EPYC): the
+first convolution (its input is the raw [-1, 1] picture; quantising it too cost 2.9 points of accuracy and
+14 % top-1 agreement with FP32) and the head (the linear layer, the prior shift and the softmax). The rest
+is INT8: 1.6x faster a face on one core (0.26-0.28 vs 0.43-0.46 ms), accuracy 0.663 as FP32 on the
+sample, 98.9 % of its answers equal.
 
 Parity is measured at build on other FER2013 training images than the calibration ones (seeded) and
 written into the manifest entry (`parity`: reference = the FP32 model under ONNX Runtime); the tests
