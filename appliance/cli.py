@@ -225,6 +225,8 @@ def federation_simulate(
         compression: float = typer.Option(12.0, help="dense float32 bytes / SecAgg+ update payload"),
         pack: int = typer.Option(2, help="quantised values packed per SecAgg+ integer (1: no packing)"),
         always_popular: int = typer.Option(300, help="biases of the panel's N most watched titles in every round"),
+        federated_titles: int = typer.Option(0, help="federate only the biases of the panel's N most watched titles "
+                                             "(0: all); the others stay at the start's values"),
         always_adapter: bool = typer.Option(False, help="the query adapter's coordinates in every round"),
         lr: float = typer.Option(5.0, help="boxes' local step on the title biases"),
         lr_adapter: float = typer.Option(0.05, help="boxes' local step on the query adapter"),
@@ -248,7 +250,8 @@ def federation_simulate(
     from appliance.federation.simulate import simulate, write_json
 
     result = simulate(interactions, bundle, nodes=nodes, rounds=rounds, epsilon=epsilon, delta=delta,
-                      clip=clip, cohort=cohort, compression=compression, pack=pack, always_popular=always_popular, always_adapter=always_adapter, lr=lr, lr_adapter=lr_adapter,
+                      clip=clip, cohort=cohort, compression=compression, pack=pack, always_popular=always_popular, federated_titles=federated_titles,
+                      always_adapter=always_adapter, lr=lr, lr_adapter=lr_adapter,
                       lr_features=lr_features, local_epochs=local_epochs, server_lr=server_lr, server_shrink=server_shrink,
                       server_lr_adapter=server_lr_adapter, server_lr_features=server_lr_features, server_opt=server_opt, server_beta1=server_beta1, server_beta2=server_beta2,
                       server_tau=server_tau, average_from=average_from,

@@ -76,7 +76,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from appliance.federation import packing
 from appliance.federation.accounting import PrivacyLedger, calibrate_noise
-from appliance.federation.model import HeadShape, client_update, lr_vector, round_subset, subset_size
+from appliance.federation.model import (
+    HeadShape,
+    client_update,
+    lr_vector,
+    n_federated,
+    round_subset,
+    subset_size,
+)
 from appliance.federation.segments import secure_rng
 from appliance.federation.server_opt import ServerOptimizer
 
@@ -99,6 +106,7 @@ class RunSettings:
     compression: float = 16.0          # dense float32 bytes of the head / SecAgg+ upload bytes
     pack: int = 1                      # quantised values per SecAgg+ integer (`packing`; 1: Flower's own quantisation)
     always_rows: str = ""              # comma-separated title rows whose biases are in every round's subset (public)
+    federated_rows: str = ""           # comma-separated title rows whose biases are federated ("": all; public)
     run_seed: int = 0                  # public: the rounds' coordinate subsets derive from it
     server_lr: float = 1.0             # the server's step on the noisy mean update
     server_shrink: float = 0.0         # soft-threshold the noisy mean at this many noise std (0: off)
@@ -148,6 +156,14 @@ class RunSettings:
     @property
     def fixed(self) -> np.ndarray | None:
         return np.array([int(r) for r in self.always_rows.split(",")], dtype=np.int64) if self.always_rows else None
+
+    @property
+    def frozen(self) -> np.ndarray | None:
+        """The title biases outside `federated_rows`: never trained, sent nor updated (None: all federated)."""
+        if not self.federated_rows:
+            return None
+        fed = np.array([int(r) for r in self.federated_rows.split(",")], dtype=np.int64)
+        return np.setdiff1d(np.arange(self.n_items), fed)
 
 
 @dataclass
@@ -209,8 +225,10 @@ class HeadClient(NumPyClient):
             raise ValueError("round instructions do not match the head")
         server_round = int(config["round"])
         fixed = np.frombuffer(config["fixed"], dtype=np.int32).astype(np.int64) if config.get("fixed") else None
+        frozen = np.frombuffer(config["frozen"], dtype=np.int32).astype(np.int64) if config.get("frozen") else None
         sub, _ = client_update(shape, theta, self.queries, self.targets, self.items,
                                server_round=server_round, run_seed=int(config["run-seed"]), k=k, fixed=fixed,
+                               frozen=frozen,
                                clip=float(config["clipping_norm"]), lr=float(config["lr"]),
                                lr_adapter=float(config["lr-adapter"]), lr_features=float(config["lr-features"]),
                                epochs=int(config["local-epochs"]), batch=int(config["batch"]), seed=server_round,
@@ -293,7 +311,8 @@ class SubsetFedAvg(FedAvg):
                          initial_parameters=ndarrays_to_parameters([theta0]), accept_failures=True)
         self.settings = settings
         self.shape = settings.shape
-        self.k = subset_size(self.shape.n_params, settings.compression, settings.pack)
+        self.frozen = settings.frozen
+        self.k = subset_size(n_federated(self.shape, self.frozen), settings.compression, settings.pack)
         self.spec = packing.plan(settings.pack, settings.cohort, settings.clip) if settings.pack > 1 else None
         if self.spec is not None:
             packing.check_norm_room(self.spec, self.k, settings.clip)
@@ -325,6 +344,8 @@ class SubsetFedAvg(FedAvg):
         }
         if s.fixed is not None:
             config["fixed"] = s.fixed.astype(np.int32).tobytes()
+        if self.frozen is not None:
+            config["frozen"] = self.frozen.astype(np.int32).tobytes()
         ins = FitIns(ndarrays_to_parameters([np.zeros(self.k)]), config)
         self.last_sampled = len(clients)
         return [(c, ins) for c in clients]
@@ -336,7 +357,7 @@ class SubsetFedAvg(FedAvg):
         zeroes the coordinates where the mean is indistinguishable from noise (titles few boxes
         watched) and keeps the rest."""
         idx = round_subset(self.shape.n_params, self.k, server_round, self.settings.run_seed,
-                           always=self.shape.n_feat, fixed=self.settings.fixed)
+                           always=self.shape.n_feat, fixed=self.settings.fixed, frozen=self.frozen)
         u = soft_threshold(mean_update, self.settings.server_shrink * noise_std)
         self.theta = self.opt.step(self.theta, idx, u, server_round, noise_std)
         return self.theta
@@ -437,7 +458,7 @@ def run_server(grid: Grid, context: Context, rng=None, audit: Audit | None = Non
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.rounds, round_timeout=s.timeout * 4),
                            strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg_workflow(s))(grid, legacy)
-    result = RunResult(settings=asdict(s), noise_multiplier=z, federated_params=s.shape.n_params,
+    result = RunResult(settings=asdict(s), noise_multiplier=z, federated_params=n_federated(s.shape, s.frozen),
                        subset_k=inner.k, upload_ints=inner.upload_ints, rounds=strategy.records, stopped=strategy.stopped,
                        seconds=round(time.monotonic() - t0, 3), head=inner.published)
     if s.out_dir:

@@ -143,7 +143,7 @@ def local_train(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, target
                 items: np.ndarray, *, lr: float = 0.5, lr_adapter: float | None = None,
                 lr_features: float | None = None, epochs: int = 2, batch: int = 64, weight_decay: float = 0.0,
                 seed: int = 0, dtype: type = np.float32, base: np.ndarray | None = None,
-                features: np.ndarray | None = None) -> np.ndarray:
+                features: np.ndarray | None = None, frozen: np.ndarray | None = None) -> np.ndarray:
     """A few epochs of SGD on one box's own examples; returns the new head (theta is not modified).
 
     The biases and the adapter have their own step sizes (a bias step moves one title's score by lr x
@@ -159,6 +159,8 @@ def local_train(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, target
     if base is None:
         base = queries @ items.T
     step = lr_vector(shape, lr, lr_adapter, lr_features)
+    if frozen is not None and len(frozen):
+        step[np.asarray(frozen, dtype=np.int64)] = 0.0  # not federated: stays at the shared start's value
     feats = None if features is None else np.asarray(features, dtype=dtype)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
@@ -196,7 +198,7 @@ def subset_size(n_params: int, compression: float, pack: int = 1) -> int:
 
 
 def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always: int = 0,
-                 fixed: np.ndarray | None = None) -> np.ndarray:
+                 fixed: np.ndarray | None = None, frozen: np.ndarray | None = None) -> np.ndarray:
     """This round's coordinates (sorted, distinct): a function of public values only, so every box and
     the server derive the same subset and the masked sum of the boxes' sub-vectors stays aligned.
 
@@ -207,7 +209,8 @@ def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always
 
     The last `always` coordinates (the feature weights w) and the coordinates in `fixed` (public, e.g.
     the biases of the titles the central panel watched most) are in every round's subset; the blocks
-    rotate over the others. Without `fixed` the subset is what it always was."""
+    rotate over the others. Without `fixed` the subset is what it always was. Coordinates in `frozen`
+    (not federated: `frozen_titles`) are in no round's subset; the blocks rotate over the rest."""
     if not 0 < k <= n_params:
         raise ValueError(f"k must be within 1..{n_params}, got {k}")
     fixed = np.zeros(0, dtype=np.int64) if fixed is None else np.unique(np.asarray(fixed, dtype=np.int64))
@@ -217,7 +220,11 @@ def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always
         raise ValueError(f"always + fixed must be within 0..{k - 1}, got {always} + {fixed.size}")
     if server_round < 1:
         raise ValueError("rounds count from 1")
-    pool = np.setdiff1d(np.arange(n_params - always), fixed) if fixed.size else np.arange(n_params - always)
+    frozen = np.zeros(0, dtype=np.int64) if frozen is None else np.unique(np.asarray(frozen, dtype=np.int64))
+    if frozen.size and (np.intersect1d(frozen, fixed).size or frozen[0] < 0 or frozen[-1] >= n_params - always):
+        raise ValueError("frozen coordinates must lie outside `fixed` and the last `always` ones")
+    skip = np.union1d(fixed, frozen)
+    pool = np.setdiff1d(np.arange(n_params - always), skip) if skip.size else np.arange(n_params - always)
     n_rot, k_rot = len(pool), k - always - fixed.size
     epoch, block = divmod(int(server_round) - 1, n_rot // k_rot)
     perm = np.random.default_rng([int(run_seed), epoch]).permutation(n_rot)
@@ -227,13 +234,31 @@ def round_subset(n_params: int, k: int, server_round: int, run_seed: int, always
 
 def client_update(shape: HeadShape, theta: np.ndarray, queries: np.ndarray, targets: np.ndarray,
                   items: np.ndarray, *, server_round: int, run_seed: int, k: int, clip: float,
-                  fixed: np.ndarray | None = None, **train_kw) -> tuple[np.ndarray, float]:
-    """One box's round: local training, delta, this round's aligned subset, clipped to `clip`.
+                  fixed: np.ndarray | None = None, frozen: np.ndarray | None = None,
+                  **train_kw) -> tuple[np.ndarray, float]:
+    """One box's round: local training (the `frozen` coordinates held), delta, this round's aligned
+    subset, clipped to `clip`.
 
     Returns (clipped sub-vector [k], norm of the sub-vector before clipping)."""
-    new = local_train(shape, theta, queries, targets, items, **train_kw)
-    idx = round_subset(shape.n_params, k, server_round, run_seed, always=shape.n_feat, fixed=fixed)
+    new = local_train(shape, theta, queries, targets, items, frozen=frozen, **train_kw)
+    idx = round_subset(shape.n_params, k, server_round, run_seed, always=shape.n_feat, fixed=fixed, frozen=frozen)
     return clip_l2((new - theta)[idx], clip)
+
+
+def frozen_titles(shape: HeadShape, popularity: np.ndarray, federated_titles: int) -> np.ndarray | None:
+    """The title biases the fleet does not learn: all but the panel's `federated_titles` most watched
+    titles (public, central information). A rare title's bias gets a few boxes' signal under the same
+    z C / m noise per coordinate as a popular one's, so federating it mostly adds noise that pushes it
+    into everyone's top 10. None (every bias federated) when federated_titles <= 0 or >= n_items."""
+    if federated_titles <= 0 or federated_titles >= shape.n_items:
+        return None
+    order = np.argsort(-np.asarray(popularity)[:shape.n_items], kind="stable")
+    return np.sort(order[federated_titles:]).astype(np.int64)
+
+
+def n_federated(shape: HeadShape, frozen: np.ndarray | None) -> int:
+    """Parameters the fleet learns (what the compression target and the upload are measured against)."""
+    return shape.n_params - (0 if frozen is None else len(frozen))
 
 
 def examples_from_history(rows: np.ndarray, max_examples: int | None = None) -> list[tuple[np.ndarray, int]]:

@@ -66,8 +66,10 @@ from appliance.federation.model import (
     SECAGG_BYTES_PER_PARAM,
     HeadShape,
     examples_from_history,
+    frozen_titles,
     head_scores,
     local_train,
+    n_federated,
 )
 
 
@@ -162,7 +164,7 @@ def metrics10(shape: HeadShape, theta: np.ndarray, data: FleetData, users: np.nd
 
 def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, rounds: int = 20,
              epsilon: float = 2.0, delta: float = 1e-5, clip: float = 0.25, cohort: int | None = None,
-             compression: float = 12.0, pack: int = 2, always_popular: int = 300, always_adapter: bool = False, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
+             compression: float = 12.0, pack: int = 2, always_popular: int = 300, federated_titles: int = 0, always_adapter: bool = False, rank: int = 4, max_examples: int = 50, local_epochs: int = 2,
              lr: float = 5.0, lr_adapter: float = 0.05, lr_features: float = 0.5, features: bool = True,
              server_lr: float = 0.05, server_lr_adapter: float = -1.0, server_lr_features: float = -1.0,
              server_shrink: float = 0.0, server_opt: str = "adam",
@@ -198,9 +200,13 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
 
     fixed = always_in(shape, data.popularity, always_popular, always_adapter)
     popular = fixed if fixed is not None else []
+    # only the panel's `federated_titles` most watched titles' biases are federated (public; 0: all)
+    frozen = frozen_titles(shape, data.popularity, federated_titles)
+    fed_rows = np.setdiff1d(np.arange(shape.n_items), frozen) if frozen is not None else []
     s = RunSettings(rounds=rounds, epsilon=epsilon, delta=delta, clip=clip, population=n, cohort=m,
                     sampling=participation(n, m),
-                    compression=compression, pack=pack, always_rows=",".join(str(int(r)) for r in popular), run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
+                    compression=compression, pack=pack, always_rows=",".join(str(int(r)) for r in popular),
+                    federated_rows=",".join(str(int(r)) for r in fed_rows), run_seed=seed, num_shares=shares, reconstruction_threshold=threshold,
                     n_items=shape.n_items, dim=shape.dim, rank=rank, n_feat=n_feat, head_seed=seed, lr=lr,
                     lr_adapter=lr_adapter, lr_features=lr_features,
                     server_lr=server_lr, server_lr_adapter=server_lr_adapter, server_lr_features=server_lr_features,
@@ -228,7 +234,8 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     # its own step sizes (biases, adapter, feature weights), not the boxes': the baseline stays the same
     # whatever the federated run's knobs are
     central = local_train(shape, theta0, q, t, data.items, lr=central_lrs[0], lr_adapter=central_lrs[1],
-                          lr_features=central_lrs[2], epochs=central_epochs, batch=256, seed=seed, features=feats)
+                          lr_features=central_lrs[2], epochs=central_epochs, batch=256, seed=seed, features=feats,
+                          frozen=frozen)  # the same parameters as the federated run learns
 
     uploads = list(grid.wire.upload_per_box("1", "collect_masked_vectors").values())
     uploads_all = list(grid.wire.upload_per_box("1").values())
@@ -240,7 +247,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
     val_users = split.panel[split.panel < n]
     validation = {name: metrics10(shape, theta, data, val_users)["NDCG@10"]
                   for name, theta in (("start_only", theta0), ("ours_federated_dp", res.head), ("centralized", central))}
-    dense = shape.n_params * DENSE_BYTES_PER_PARAM
+    dense = n_federated(shape, frozen) * DENSE_BYTES_PER_PARAM  # of the federated part
     up = int(np.median(uploads)) if uploads else 0
     out = {
         "epsilon": res.epsilon,
@@ -248,7 +255,7 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "rounds": len(res.rounds),
         "nodes": n,
         "cohort": m,
-        "federated_params": shape.n_params,
+        "federated_params": n_federated(shape, frozen),
         "ours_federated_dp.NDCG@10": fed_m["NDCG@10"],
         "ours_federated_dp.HR@10": fed_m["HR@10"],
         "centralized.NDCG@10": cen_m["NDCG@10"],
@@ -275,9 +282,9 @@ def simulate(interactions: Path, bundle_dir: Path, *, nodes: int | None = None, 
         "packing": _packing_desc(pack, m, clip),
         "num_shares": shares,
         "reconstruction_threshold": threshold,
-        "federated_parts": {"title_bias": shape.n_items, "query_adapter": 2 * shape.dim * rank,
+        "federated_parts": {"title_bias": shape.n_items - (0 if frozen is None else len(frozen)), "query_adapter": 2 * shape.dim * rank,
                             "feature_weights": n_feat},
-        "settings": {"clip": clip, "compression": compression, "pack": pack, "always_popular": always_popular, "always_adapter": always_adapter, "rank": rank, "max_examples": max_examples,
+        "settings": {"clip": clip, "compression": compression, "pack": pack, "always_popular": always_popular, "federated_titles": federated_titles, "always_adapter": always_adapter, "rank": rank, "max_examples": max_examples,
                      "local_epochs": local_epochs, "lr": lr, "lr_adapter": lr_adapter, "lr_features": lr_features,
                      "server_lr": server_lr, "server_lr_adapter": server_lr_adapter,
                      "server_lr_features": server_lr_features, "server_opt": server_opt, "server_beta1": server_beta1,

@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 
 from appliance.federation import packing
-from appliance.federation.model import HeadShape, client_update, local_train, round_subset, subset_size
+from appliance.federation.model import (
+    HeadShape,
+    client_update,
+    frozen_titles,
+    local_train,
+    n_federated,
+    round_subset,
+    subset_size,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class Setting:
     compression: float = 12.0
     pack: int = 2
     always_popular: int = 300
+    federated_titles: int = 0          # > 0: only the panel's N most watched titles' biases are federated
     always_adapter: bool = False       # the query adapter's coordinates in every round's subset
     rank: int = 4
     local_epochs: int = 2
@@ -95,7 +104,8 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
     if bases is None:
         bases = [q.astype(np.float32) @ items32.T for q, _ in data.boxes]
     z, spent = (s.noise_multiplier, None) if s.noise_multiplier else _noise_and_epsilon(s.epsilon, s.delta, s.rounds, n)
-    k = subset_size(shape.n_params, s.compression, s.pack)
+    frozen = frozen_titles(shape, data.popularity, s.federated_titles)
+    k = subset_size(n_federated(shape, frozen), s.compression, s.pack)
     spec = packing.plan(s.pack, n, s.clip) if s.pack > 1 else None
     fixed = always_in(shape, data.popularity, s.always_popular, s.always_adapter)
     rng = np.random.default_rng(noise_seed)
@@ -110,12 +120,12 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
         t0 = time.monotonic()
         sent = theta.astype(np.float32).astype(np.float64)  # the box gets the head as float32
         total = np.zeros(k)
-        idx = round_subset(shape.n_params, k, r, s.seed, always=shape.n_feat, fixed=fixed)
+        idx = round_subset(shape.n_params, k, r, s.seed, always=shape.n_feat, fixed=fixed, frozen=frozen)
         part_masks = (idx < shape.n_items, (idx >= shape.n_items) & (idx < shape.n_params - shape.n_feat),
                       idx >= shape.n_params - shape.n_feat)
         for (q, t), base in zip(data.boxes, bases):
             sub, norm = client_update(shape, sent, q.astype(np.float32), t, items32, server_round=r,
-                                   run_seed=s.seed, k=k, clip=s.clip, fixed=fixed, lr=s.lr,
+                                   run_seed=s.seed, k=k, clip=s.clip, fixed=fixed, frozen=frozen, lr=s.lr,
                                    lr_adapter=s.lr_adapter, lr_features=s.lr_features, epochs=s.local_epochs,
                                    batch=s.batch, seed=r, base=base, features=feats)
             if spec is not None:
@@ -136,6 +146,7 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
             "update_norm_share": dict(zip(("bias", "adapter", "features"),
                                           np.round(np.mean(shares, axis=0), 3).tolist())) if shares else {},
             "noise_multiplier": z, "noise_std": std, "subset_k": k, "n_params": shape.n_params,
+            "federated_params": n_federated(shape, frozen),
             "epsilon": spent}
     return opt.published(theta), info
 
@@ -152,15 +163,18 @@ def always_in(shape: HeadShape, popularity: np.ndarray, always_popular: int, alw
 
 
 def references(data, s: Setting, central_epochs: int = 2) -> dict[str, np.ndarray]:
-    """start_only and centralized heads (as `simulate` makes them) for fleet `data`."""
+    """start_only and centralized heads (as `simulate` makes them) for fleet `data`; the centralized
+    fine-tune learns the same parameters as the federated run (`s.federated_titles`)."""
     n_feat = data.features.shape[1] if data.features is not None else 0
     shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
     feats = data.features.astype(np.float32) if n_feat else None
     theta0 = shape.initial(seed=s.seed)
+    frozen = frozen_titles(shape, data.popularity, s.federated_titles)
     q = np.concatenate([b[0] for b in data.boxes if len(b[1])])
     t = np.concatenate([b[1] for b in data.boxes if len(b[1])])
     central = local_train(shape, theta0, q, t, data.items, lr=s.lr, lr_adapter=s.lr_adapter,
-                          lr_features=s.lr_features, epochs=central_epochs, batch=256, seed=s.seed, features=feats)
+                          lr_features=s.lr_features, epochs=central_epochs, batch=256, seed=s.seed, features=feats,
+                          frozen=frozen)
     return {"start_only": theta0, "centralized": central}
 
 
@@ -256,6 +270,18 @@ def main(argv: list[str] | None = None) -> None:
     ref_scores = {name: m["NDCG@10"] for name, m in ref_full.items()}
     log(f"references: {ref_full}")
     log(f"fleet validation ({len(val_users)} users' second-to-last titles): {ref_scores}")
+    shape0 = HeadShape(data.items.shape[0], data.items.shape[1], base_setting.rank, n_feat)
+    variant_refs: dict[int, dict[str, float]] = {0: ref_full["centralized"]}
+
+    def central_of(s: Setting) -> dict[str, float]:
+        """centralized fine-tune of the same parameterisation as `s` (federated_titles), on validation"""
+        n_t = s.federated_titles if 0 < s.federated_titles < data.items.shape[0] else 0
+        if n_t not in variant_refs:
+            variant_refs[n_t] = val_metrics(shape0, references(data, replace(base_setting, federated_titles=n_t))
+                                            ["centralized"], data, val_users)
+            log(f"centralized with {n_t} federated title biases: {variant_refs[n_t]}")
+        return variant_refs[n_t]
+
     for cfg in configs:
         cfg = dict(cfg)
         name = cfg.pop("name")
@@ -278,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
             head, info = replay(data, s, noise_seed=draw, bases=bases)
             vm = val_metrics(shape, head, data, val_users)
             nd = vm["NDCG@10"]
+            cen = central_of(s)
             row = {"name": name, "draw": draw, "fleet_val.NDCG@10": nd, "fleet_val": vm,
-                   "references_full": ref_full,
+                   "references_full": ref_full, "centralized_same_model": cen,
+                   "over_centralized_same_model": round(nd / cen["NDCG@10"], 4) if cen["NDCG@10"] else None,
                    "moved": moved(shape, head, refs),
                    "over_centralized": round(nd / ref_scores["centralized"], 4),
                    "references": ref_scores, "val_users": int(len(val_users)), "setting": asdict(s),
                    **info, "seconds": round(time.monotonic() - t0, 1)}
-            log(json.dumps({k: row[k] for k in ("name", "draw", "fleet_val", "over_centralized", "seconds",
+            log(json.dumps({k: row[k] for k in ("name", "draw", "fleet_val", "over_centralized",
+                                                 "over_centralized_same_model", "subset_k", "seconds",
                                                  "clipped_share", "update_norm_share", "moved")}))
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

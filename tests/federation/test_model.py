@@ -12,9 +12,11 @@ from appliance.federation.model import (
     client_update,
     clip_l2,
     examples_from_history,
+    frozen_titles,
     head_scores,
     local_train,
     loss_and_grad,
+    n_federated,
     round_subset,
     subset_size,
 )
@@ -186,3 +188,28 @@ def test_fixed_coordinates_are_in_every_round_and_the_rest_rotate():
         round_subset(n, k, 1, 5, always=always, fixed=np.arange(n - 3, n))  # inside the `always` block
     with pytest.raises(ValueError):
         round_subset(n, k, 1, 5, always=always, fixed=np.arange(k))          # leaves nothing to rotate
+
+
+def test_frozen_title_biases_are_never_sent_nor_trained():
+    shape = HeadShape(n_items=40, dim=6, rank=2, n_feat=3)
+    pop = np.arange(40, dtype=float)[::-1]                     # title 0 the most watched
+    frozen = frozen_titles(shape, pop, 10)
+    np.testing.assert_array_equal(frozen, np.arange(10, 40))
+    assert frozen_titles(shape, pop, 0) is None and frozen_titles(shape, pop, 40) is None
+    assert n_federated(shape, frozen) == shape.n_params - 30 and n_federated(shape, None) == shape.n_params
+    k = 12
+    for r in range(1, 15):
+        idx = round_subset(shape.n_params, k, r, run_seed=1, always=shape.n_feat, fixed=np.array([0, 1]), frozen=frozen)
+        assert len(idx) == k and not set(idx.tolist()) & set(frozen.tolist())
+    # without frozen coordinates the subsets are the ones the earlier runs used
+    np.testing.assert_array_equal(round_subset(shape.n_params, k, 3, 1, always=shape.n_feat),
+                                  round_subset(shape.n_params, k, 3, 1, always=shape.n_feat, frozen=None))
+    with pytest.raises(ValueError):
+        round_subset(shape.n_params, k, 1, 1, always=shape.n_feat, fixed=np.array([12]), frozen=frozen)
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(40, 6))
+    q, t = rng.normal(size=(20, 6)), rng.integers(0, 40, size=20)
+    theta = shape.initial(seed=0)
+    new = local_train(shape, theta, q, t, items, lr=1.0, frozen=frozen, features=rng.normal(size=(40, 3)))
+    np.testing.assert_array_equal(new[frozen], theta[frozen])
+    assert np.abs(new[:10] - theta[:10]).max() > 0

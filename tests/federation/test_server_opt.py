@@ -87,9 +87,11 @@ def test_the_servers_round_uses_the_optimiser():
     np.testing.assert_allclose(inner.published, inner.theta)  # average of round 2's head only
 
 
-def test_the_replay_matches_a_flower_run_of_the_same_settings(quiet_flower):
+@pytest.mark.parametrize("federated_titles", [0, 20])
+def test_the_replay_matches_a_flower_run_of_the_same_settings(quiet_flower, federated_titles):
     """tune.replay does the run's arithmetic: with (almost) no noise and no packing it lands on the head
-    the real ServerApp/ClientApps (SecAgg+, clipping) produce, up to SecAgg+'s quantisation."""
+    the real ServerApp/ClientApps (SecAgg+, clipping) produce, up to SecAgg+'s quantisation; with only the
+    20 most watched titles' biases federated, the others stay at the start in both."""
     pytest.importorskip("flwr")
     from appliance.federation.flower_app import RunSettings, make_client_app, run_server
     from appliance.federation.local_grid import LocalGrid
@@ -105,11 +107,14 @@ def test_the_replay_matches_a_flower_run_of_the_same_settings(quiet_flower):
     data = FleetData(items, boxes, np.zeros((4, d)), [np.zeros(0, np.int64)] * 4, np.zeros(4, np.int64),
                      feats, pop)
     st = Setting(rounds=3, noise_multiplier=1.0, clip=0.5, compression=2.0, pack=1, always_popular=5, rank=2,
-                 lr=0.5, lr_adapter=0.05, lr_features=0.5, server_lr=2.0, server_opt="momentum", server_beta1=0.5)
+                 lr=0.5, lr_adapter=0.05, lr_features=0.5, server_lr=2.0, server_opt="momentum", server_beta1=0.5,
+                 federated_titles=federated_titles)
     head, info = replay(data, st, noise_seed=0, noise=ZeroNoise())
     fixed = np.sort(np.argsort(-pop, kind="stable")[:5])
+    fed_rows = np.sort(np.argsort(-pop, kind="stable")[:federated_titles])
     s = RunSettings(rounds=3, noise_multiplier=1.0, epsilon=1e9, clip=0.5, population=4, cohort=4, sampling="full", compression=2.0,
-                    always_rows=",".join(map(str, fixed)), n_items=n_items, dim=d, rank=2, n_feat=n_feat, lr=0.5,
+                    always_rows=",".join(map(str, fixed)),
+                    federated_rows=",".join(map(str, fed_rows)), n_items=n_items, dim=d, rank=2, n_feat=n_feat, lr=0.5,
                     lr_adapter=0.05, lr_features=0.5, server_lr=2.0, server_opt="momentum", server_beta1=0.5,
                     timeout=5)
     f32 = feats.astype(np.float32)
@@ -121,6 +126,11 @@ def test_the_replay_matches_a_flower_run_of_the_same_settings(quiet_flower):
     theta0 = s.shape.initial()
     assert np.abs(res.head - theta0).max() > 1e-2
     np.testing.assert_allclose(head, res.head, atol=2e-4)
+    if federated_titles:
+        frozen = np.setdiff1d(np.arange(n_items), fed_rows)
+        assert res.subset_k < 40 and np.abs(res.head[fed_rows] - theta0[fed_rows]).max() > 1e-3
+        np.testing.assert_array_equal(res.head[frozen], theta0[frozen])
+        np.testing.assert_array_equal(head[frozen], theta0[frozen])
 
 
 def test_per_part_server_step_sizes():
