@@ -26,8 +26,7 @@ RUN python3 -m venv /opt/appliance/venv \
     && /opt/appliance/venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
          proto/appliance/v1/*.proto \
     && /opt/appliance/venv/bin/pip uninstall -y grpcio-tools \
-    && /opt/appliance/venv/bin/appliance models verify \
-    && /opt/appliance/venv/bin/python -c "from appliance.ranking.kernels import warm_up; warm_up()"
+    && /opt/appliance/venv/bin/appliance models verify
 
 # hadolint ignore=DL3006
 FROM base-${FLAVOR}
