@@ -5,17 +5,23 @@ ARG CPU_BASE=python:3.11-slim-bookworm
 ARG CUDA_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 
 FROM ${CPU_BASE} AS base-cpu
-ENV EXTRAS=""
+ENV EXTRAS="" \
+    BUILD_PKGS="gcc libc6-dev"
 
 FROM ${CUDA_BASE} AS base-cuda
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
-ENV EXTRAS="[gpu]"
+ENV EXTRAS="[gpu]" \
+    BUILD_PKGS="gcc libc6-dev python3-dev"
 
 # hadolint ignore=DL3006
 FROM base-${FLAVOR} AS build
+# A C compiler for the Rank path's loops (setup.py); only this stage has it.
+# hadolint ignore=DL3008,SC2086
+RUN apt-get update && apt-get install -y --no-install-recommends ${BUILD_PKGS} \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/appliance/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proto ./proto
 COPY appliance ./appliance
 COPY models ./models
@@ -26,6 +32,7 @@ RUN python3 -m venv /opt/appliance/venv \
     && /opt/appliance/venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
          proto/appliance/v1/*.proto \
     && /opt/appliance/venv/bin/pip uninstall -y grpcio-tools \
+    && /opt/appliance/venv/bin/python -c "import appliance.ranking._rankcore" \
     && /opt/appliance/venv/bin/appliance models verify
 
 # hadolint ignore=DL3006

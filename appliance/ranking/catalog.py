@@ -233,6 +233,11 @@ class Catalog:
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, pos, -1)
 
+    @property
+    def dense_lut(self) -> np.ndarray | None:
+        """The dense id -> row table (int32, -1: not a title), None when the ids are too large for one."""
+        return self._lut
+
     def row_of(self, item_id: int) -> int | None:
         """Row of one id (dict lookup: the per-event path), None when unknown."""
         return self._row.get(int(item_id))

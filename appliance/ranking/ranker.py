@@ -40,6 +40,11 @@ shortcut keeps the float32 arithmetic of the plain expression it replaces, step 
 contributions are bit-identical; the one exception is MMR's similarities, one small matrix product instead
 of a mat-vec per pick: the same values up to the last bit, which can move a pick only at an exact near-tie
 (none in 4,800 random rankings checked against the per-pick mat-vecs).
+
+Where the build compiled them (native.py), ids to rows and scores + MMR + the shown titles' terms are two C
+calls instead (`_rankcore.c`: the same float32 steps and numpy's pairwise sums, so the scores are the same
+bits; dot products summed in order rather than by BLAS); tests/ranking/test_native.py holds the two paths
+to the same rankings, and the numpy path stays the statement of the rules.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ from appliance.ranking.mood import (
     mood_intensity,
     mood_word,
 )
+from appliance.ranking.native import NEXT_USED, SEQ_USED
+from appliance.ranking.native import load as load_native
 from appliance.ranking.reasons import (
     SIGNALS,
     Reason,
@@ -315,6 +322,7 @@ class Ranker:
         self._M = (np.hstack([self.Fn, self.Gl]) / np.sqrt(2.0)).astype(np.float32)
         self._allowed = {m: catalog.maturity <= m for m in range(1, 6)}
         self._allowed_rows = {m: np.flatnonzero(a) for m, a in self._allowed.items()}
+        self._native = load_native()  # the C loops of the Rank path (None: numpy, the same rankings)
         self.seq = bundle.sequence
         self._brow = np.where(known, brow, -1)            # catalog row -> bundle row (-1: not in bundle)
         if self.seq is not None:
@@ -486,11 +494,8 @@ class Ranker:
 
     # ---- request-time pieces -------------------------------------------------------------------
 
-    def _candidate_rows(self, d: _Derived, max_maturity: int, candidate_ids: np.ndarray | None
-                        ) -> tuple[np.ndarray, list[int]]:
-        """Catalog rows to score, ascending and unique (one catalog-sized mask: dedupes, sorts and gates in
-        a few vector passes), and the candidate ids the catalog lacks. What may be shown at all (maturity
-        gate and the state's left-out titles) is one mask per state and ceiling, made on first use."""
+    def _keep(self, d: _Derived, max_maturity: int) -> np.ndarray:
+        """The catalog mask of what this state may show under this ceiling (made on first use)."""
         keep = d.keep.get(max_maturity)
         if keep is None:
             keep = self._allowed[max_maturity]
@@ -498,6 +503,14 @@ class Ranker:
                 keep = keep.copy()
                 keep[d.excl_rows] = False
             d.keep[max_maturity] = keep  # idempotent: two threads store equal masks
+        return keep
+
+    def _candidate_rows(self, d: _Derived, max_maturity: int, candidate_ids: np.ndarray | None
+                        ) -> tuple[np.ndarray, list[int]]:
+        """Catalog rows to score, ascending and unique (one catalog-sized mask: dedupes, sorts and gates in
+        a few vector passes), and the candidate ids the catalog lacks. What may be shown at all (maturity
+        gate and the state's left-out titles) is one mask per state and ceiling, made on first use."""
+        keep = self._keep(d, max_maturity)
         unknown: list[int] = []
         if candidate_ids is None or len(candidate_ids) == 0:
             allowed = self._allowed[max_maturity]
@@ -594,7 +607,12 @@ class Ranker:
         if context.max_maturity not in self._allowed:
             raise ValidationError(f"context.max_maturity must be 1..5, got {context.max_maturity!r}")
         d = self._derived(profile, session)
-        rows, unknown = self._candidate_rows(d, context.max_maturity, candidate_ids)
+        native = self._native
+        if native is not None and candidate_ids is not None and len(candidate_ids) \
+                and self.catalog.dense_lut is not None:
+            rows, unknown = self._candidate_rows_native(native, d, context.max_maturity, candidate_ids)
+        else:
+            rows, unknown = self._candidate_rows(d, context.max_maturity, candidate_ids)
 
         use_affect = bool(consent) and affect is not None and affect.is_fresh(now_ns, self.affect_stale_s)
         age = affect.age_s(now_ns) if (consent and affect is not None) else -1.0
@@ -603,6 +621,8 @@ class Ranker:
             return RankResult([], use_affect, age, mood, self.model_version, unknown, 0,
                               (time.perf_counter() - t0) * 1e3)
 
+        if native is not None:
+            return self._rank_native(native, d, context, rows, unknown, use_affect, age, mood, affect, int(k), t0)
         w = self.w
         # One gather: sequence, next, and the rest of the state terms of every candidate. `take` gives a
         # C-ordered block (`base[:, rows]` is Fortran-ordered: every row below would be strided, 5x slower).
@@ -621,25 +641,16 @@ class Ranker:
             _zscore(B[1], None, w.next, B[1])
             nxt = d.next_recent
         score = _add(B, axis=0)
-        when = (context.device, context.local_hour, context.weekday)
-        ctx_keys = self._ctx_keys.get(when)
-        if ctx_keys is None:  # the active context rows this ranker has, per (device, hour, weekday)
-            ctx_keys = tuple(key for key in active_context_keys(*when) if key in self._ctx_cat)
-            if len(self._ctx_keys) >= 4096:  # valid requests make at most a few hundred
-                self._ctx_keys.clear()
-            self._ctx_keys[when] = ctx_keys
+        ctx_keys = self._active_context(context)
         ctx = None
         if ctx_keys:
             ctx = self._context_sum(ctx_keys).take(rows)
             score += ctx
         aff = None
-        if use_affect:
-            strength = (self.affect_weight * max(0.0, 1.0 - age / self.affect_stale_s)
-                        * mood_intensity(affect.valence, affect.arousal, affect.engagement))
-            mcat = self._mood_cat.get(mood)
-            if strength > 0 and mcat is not None:
-                aff = mcat[rows] * np.float32(strength)
-                score += aff
+        mcat, strength = self._affect_terms(use_affect, affect, age, mood)
+        if mcat is not None:
+            aff = mcat[rows] * np.float32(strength)
+            score += aff
 
         order = self._mmr(rows, score, int(k))
         top = rows[order]
@@ -657,6 +668,60 @@ class Ranker:
         if aff is not None:
             T[_AFFECT] = aff[order]
         items = self._explain(top, T, score[order], d, ctx_keys, mood, seq_recent, nxt)
+        return RankResult(items, use_affect, age, mood, self.model_version, unknown, len(rows),
+                          (time.perf_counter() - t0) * 1e3)
+
+    def _active_context(self, context: RankContext) -> tuple[str, ...]:
+        """The active context rows this ranker has, per (device, hour, weekday) (cached)."""
+        when = (context.device, context.local_hour, context.weekday)
+        ctx_keys = self._ctx_keys.get(when)
+        if ctx_keys is None:
+            ctx_keys = tuple(key for key in active_context_keys(*when) if key in self._ctx_cat)
+            if len(self._ctx_keys) >= 4096:  # valid requests make at most a few hundred
+                self._ctx_keys.clear()
+            self._ctx_keys[when] = ctx_keys
+        return ctx_keys
+
+    def _affect_terms(self, use_affect: bool, affect: AffectState | None, age: float, mood: str
+                      ) -> tuple[np.ndarray | None, float]:
+        """The mood's per-title affinity and this request's strength (None when affect adds nothing)."""
+        if not use_affect:
+            return None, 0.0
+        strength = (self.affect_weight * max(0.0, 1.0 - age / self.affect_stale_s)
+                    * mood_intensity(affect.valence, affect.arousal, affect.engagement))
+        mcat = self._mood_cat.get(mood)
+        return (mcat, strength) if strength > 0 and mcat is not None else (None, 0.0)
+
+    def _candidate_rows_native(self, native, d: _Derived, max_maturity: int, candidate_ids: np.ndarray  # noqa: ANN001
+                               ) -> tuple[np.ndarray, list[int]]:
+        """`_candidate_rows` in one C call (native.py): map through the dense table, dedupe, gate, sort."""
+        keep = self._keep(d, max_maturity)
+        ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
+        out = np.empty(len(ids) + 1, dtype=np.int64)
+        count, n_unknown = native.candidate_rows(ids, self.catalog.dense_lut, keep, out)
+        unknown = np.unique(ids[self.catalog.lookup(ids) < 0]).tolist() if n_unknown else []
+        return out[:count], unknown
+
+    def _rank_native(self, native, d: _Derived, context: RankContext, rows: np.ndarray, unknown: list[int],  # noqa: ANN001
+                     use_affect: bool, age: float, mood: str, affect: AffectState | None, k: int,
+                     t0: float) -> RankResult:
+        """The rest of `rank` (scores, MMR, the shown titles' terms) in one C call, then the reasons."""
+        ctx_keys = self._active_context(context)
+        ctx = self._context_sum(ctx_keys) if ctx_keys else None
+        mcat, strength = self._affect_terms(use_affect, affect, age, mood)
+        n = min(k, len(rows))
+        order = np.empty(n, dtype=np.int64)
+        top_score = np.empty(n, dtype=np.float32)
+        T = np.empty((len(SIGNALS), n), dtype=np.float32)
+        w = self.w
+        flags = native.score_and_pick(
+            rows, d.base, self.seq_known if d.seq_q is not None else None, w.sequence, d.next_recent is not None,
+            w.next, ctx, mcat, strength, self._M, self.diversity, MMR_POOL, self.F, d.taste, self.Gs,
+            d.session_w, d.content_w, self.pop_z, float(d.w_pop), order, top_score, T)
+        top = rows.take(order)
+        seq_recent = d.seq_recent if flags & SEQ_USED else None
+        nxt = d.next_recent if flags & NEXT_USED else None
+        items = self._explain(top, T, top_score, d, ctx_keys, mood, seq_recent, nxt)
         return RankResult(items, use_affect, age, mood, self.model_version, unknown, len(rows),
                           (time.perf_counter() - t0) * 1e3)
 

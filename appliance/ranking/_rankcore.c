@@ -1,0 +1,540 @@
+/* The Rank path's per-candidate arithmetic in C: ids to catalog rows, then scores, MMR and the shown
+ * titles' per-signal terms, each in one call (appliance/ranking/native.py is the Python side).
+ *
+ * Why: as numpy, a Rank over 1,000 candidates is a few dozen calls on ~1,000-element arrays, and each
+ * call's fixed cost is most of its price. Here the same steps are plain loops. No numpy C API: arrays
+ * come in through the buffer protocol (the caller allocates the outputs), so the module builds against
+ * Python's headers alone and loads in a few hundred kB (numba did the same loops at +130 MB of RSS).
+ *
+ * The arithmetic is the numpy path's (ranker.py), step for step in float32, and the two z-scored signals'
+ * sums are numpy's pairwise float32 sums (same blocks, same order), so scores are bit-identical; only the
+ * dot products (MMR similarity, the top k's collaborative/session/content terms) are sequential sums where
+ * numpy calls BLAS, equal up to the last bits. Compiled with -ffp-contract=off: no fused multiply-add
+ * (aarch64's default), which would change roundings. The GIL is released while the loops run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- buffers ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+/* A C-contiguous buffer of `count` items of `itemsize` bytes (count < 0: any multiple of itemsize). */
+static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, Py_ssize_t count, int writable, const char *name)
+{
+    b->held = 0;
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: a C-contiguous%s buffer expected", name, writable ? " writable" : "");
+        return -1;
+    }
+    b->held = 1;
+    if (b->view.len % itemsize || (count >= 0 && b->view.len != count * itemsize)) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd items of %zd bytes", name, b->view.len,
+                     count, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Buf *b)
+{
+    if (b->held) {
+        PyBuffer_Release(&b->view);
+        b->held = 0;
+    }
+}
+
+/* ---- candidate_rows ------------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(candidate_rows_doc,
+"candidate_rows(ids, lut, keep, out) -> (count, unknown)\n\n"
+"Catalog rows of int64 `ids` through the dense int32 table `lut` (-1 or out of range: not a title), each\n"
+"once, ascending, only where the bool mask `keep` allows: written to out[:count] (int64, len(ids) + 1\n"
+"items at least). `unknown`: how many ids are not titles.");
+
+static PyObject *candidate_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Buf ids, lut, keep, out;
+    PyObject *res = NULL;
+    ids.held = lut.held = keep.held = out.held = 0;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "candidate_rows takes 4 arguments");
+        return NULL;
+    }
+    if (get_buf(args[0], &ids, 8, -1, 0, "ids") || get_buf(args[1], &lut, 4, -1, 0, "lut") ||
+        get_buf(args[2], &keep, 1, -1, 0, "keep") || get_buf(args[3], &out, 8, -1, 1, "out"))
+        goto done;
+    Py_ssize_t n_ids = ids.view.len / 8, n_lut = lut.view.len / 4, n = keep.view.len;
+    if (out.view.len / 8 < n_ids + 1) {
+        PyErr_SetString(PyExc_ValueError, "out: len(ids) + 1 items needed");
+        goto done;
+    }
+    const int64_t *x = ids.view.buf;
+    const int32_t *tab = lut.view.buf;
+    const uint8_t *ok = keep.view.buf;
+    int64_t *o = out.view.buf;
+    Py_ssize_t unknown = 0, count = 0;
+    uint8_t *mark = calloc(n > 0 ? (size_t)n : 1, 1);
+    if (!mark) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n_ids; i++) {
+        int64_t v = x[i];
+        int64_t r = (v >= 0 && v < n_lut) ? tab[v] : -1;
+        if (r < 0 || r >= n) {
+            unknown++;
+        } else if (ok[r] && !mark[r]) {
+            mark[r] = 1;
+            count++;
+        }
+    }
+    if (count) {
+        Py_ssize_t j = 0;
+        for (Py_ssize_t r = 0; r < n && j < count; r++) { /* branch-free: only marked rows advance */
+            o[j] = r;
+            j += mark[r];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(mark);
+    res = Py_BuildValue("nn", count, unknown);
+done:
+    release(&ids); release(&lut); release(&keep); release(&out);
+    return res;
+}
+
+/* ---- numpy's float32 reductions ------------------------------------------------------------------- */
+
+#define PW_BLOCKSIZE 128
+
+/* numpy's pairwise summation of float32 (umath loops_utils: 8 accumulators per block of <= 128, halves
+ * split on multiples of 8), so a sum here is the bits np.add.reduce gives. */
+static float pairwise_sum(const float *a, Py_ssize_t n)
+{
+    if (n < 8) {
+        float res = 0.0f;
+        for (Py_ssize_t i = 0; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    if (n <= PW_BLOCKSIZE) {
+        float r[8], res;
+        Py_ssize_t i;
+        for (int j = 0; j < 8; j++)
+            r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++)
+                r[j] += a[i + j];
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+/* np.add.reduce of a float32 vector: an initial 0 plus the pairwise sum. */
+static float reduce_add(const float *a, Py_ssize_t n)
+{
+    return 0.0f + pairwise_sum(a, n);
+}
+
+/* ranker._zscore: x = weight * (x - mean) / std over x (over x[mask] when mask; 0 outside the mask, 0
+ * everywhere when std is 0). `tmp`: n floats of scratch. */
+static void zscore(float *x, const uint8_t *mask, Py_ssize_t n, double weight, float *tmp)
+{
+    Py_ssize_t m = 0;
+    if (mask) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (mask[i])
+                tmp[m++] = x[i];
+    } else {
+        memcpy(tmp, x, (size_t)n * sizeof(float));
+        m = n;
+    }
+    float mean = (float)((double)reduce_add(tmp, m) / (double)m);
+    for (Py_ssize_t i = 0; i < m; i++) {
+        float d = tmp[i] - mean;
+        tmp[i] = d * d;
+    }
+    float sd = sqrtf((float)((double)reduce_add(tmp, m) / (double)m));
+    if (sd <= 0.0f) {
+        memset(x, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    float f = (float)(weight / (double)sd);
+    for (Py_ssize_t i = 0; i < n; i++)
+        x[i] = (mask && !mask[i]) ? 0.0f : (x[i] - mean) * f;
+}
+
+/* ---- MMR ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    float s;  /* score (NaN counts as -inf) */
+    int32_t i;
+} Key;
+
+/* a before b: higher score, then lower index (a stable sort by score, descending). */
+static inline int before(Key a, Key b)
+{
+    return a.s > b.s || (a.s == b.s && a.i < b.i);
+}
+
+/* Sort keys in `before` order: insertion sort for short runs (the pool: ~100), else a merge sort. */
+static void sort_keys(Key *keys, Py_ssize_t n, Key *tmp)
+{
+    if (n <= 32) {
+        for (Py_ssize_t i = 1; i < n; i++) {
+            Key x = keys[i];
+            Py_ssize_t j = i;
+            while (j > 0 && before(x, keys[j - 1])) {
+                keys[j] = keys[j - 1];
+                j--;
+            }
+            keys[j] = x;
+        }
+        return;
+    }
+    Py_ssize_t h = n / 2;
+    sort_keys(keys, h, tmp);
+    sort_keys(keys + h, n - h, tmp);
+    if (!before(keys[h], keys[h - 1]))
+        return;  /* already in order */
+    memcpy(tmp, keys, (size_t)h * sizeof(Key));
+    Py_ssize_t i = 0, j = h, o = 0;
+    while (i < h && j < n)
+        keys[o++] = before(keys[j], tmp[i]) ? keys[j++] : tmp[i++];
+    while (i < h)
+        keys[o++] = tmp[i++];
+}
+
+/* acc[i] += col[i] * x: the similarity sums, one coordinate at a time (vectorised across titles; each
+ * title's sum is still in coordinate order). Not inlined: inlined, gcc lost `restrict` and stayed scalar. */
+__attribute__((noinline)) static void axpy(float *restrict acc, const float *restrict col, float x, Py_ssize_t m)
+{
+    for (Py_ssize_t i = 0; i < m; i++)
+        acc[i] += col[i] * x;
+}
+
+/* Move the `k` first keys in `before` order to keys[0:k] (unordered): quickselect, a total order. */
+static void select_first(Key *keys, Py_ssize_t n, Py_ssize_t k)
+{
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        /* median of three to keys[mid] */
+        if (before(keys[mid], keys[lo])) { Key t = keys[mid]; keys[mid] = keys[lo]; keys[lo] = t; }
+        if (before(keys[hi], keys[lo])) { Key t = keys[hi]; keys[hi] = keys[lo]; keys[lo] = t; }
+        if (before(keys[hi], keys[mid])) { Key t = keys[hi]; keys[hi] = keys[mid]; keys[mid] = t; }
+        Key pivot = keys[mid];
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(keys[i], pivot)) i++;
+            while (before(pivot, keys[j])) j--;
+            if (i <= j) {
+                Key t = keys[i]; keys[i] = keys[j]; keys[j] = t;
+                i++; j--;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+/* Candidate indices in the order to show (written to `order`, `want` of them): greedy MMR, argmax of
+ * (1 - lam) rel - lam max sim to the picks, over the best `pool_max` by score (rel rescaled to [0, 1 - lam]
+ * over the pool), then by score. As ranker._mmr, which states the float32 steps. -1 on no memory. */
+static int mmr(const int64_t *rows, const float *score, Py_ssize_t c, const float *M, Py_ssize_t d,
+               double lam, Py_ssize_t pool_max, Py_ssize_t want, int64_t *order)
+{
+    Py_ssize_t pool_n = c < pool_max ? c : pool_max;
+    Key *keys = malloc((size_t)c * sizeof(Key) * 2);  /* and the merge sort's scratch */
+    if (!keys)
+        return -1;
+    Key *tmp = keys + c;
+    for (Py_ssize_t i = 0; i < c; i++) {
+        keys[i].s = isnan(score[i]) ? -INFINITY : score[i];
+        keys[i].i = (int32_t)i;
+    }
+    if (want > pool_n) {
+        sort_keys(keys, c, tmp);  /* the pool, then the rest by score */
+    } else {
+        if (pool_n < c)
+            select_first(keys, c, pool_n);
+        sort_keys(keys, pool_n, tmp);
+    }
+    Py_ssize_t n_pick = want < pool_n ? want : pool_n;
+    if (lam <= 0.0 || pool_n <= 1) {
+        for (Py_ssize_t q = 0; q < want; q++)
+            order[q] = keys[q].i;
+        free(keys);
+        return 0;
+    }
+    float *base = malloc((size_t)pool_n * sizeof(float));
+    if (!base) {
+        free(keys);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < pool_n; i++)
+        base[i] = score[keys[i].i];
+    float lo = base[pool_n - 1];
+    for (Py_ssize_t i = 0; i < pool_n; i++)
+        base[i] -= lo;
+    double top = (double)base[0] > 1e-9 ? (double)base[0] : 1e-9;
+    float topf = (float)top, keep_rel = (float)(1.0 - lam);
+    for (Py_ssize_t i = 0; i < pool_n; i++)
+        base[i] = (base[i] / topf) * keep_rel;
+    /* Only titles within lam of the n_pick-th best relevance can ever be picked (see ranker._mmr). */
+    float floor_ = base[n_pick - 1] - (float)(lam * 1.001);
+    Py_ssize_t m = 0;
+    while (m < pool_n && base[m] >= floor_)
+        m++;
+    float *McT = malloc((size_t)(d * m + 3 * m) * sizeof(float));  /* the pool's rows of M, transposed */
+    if (!McT) {
+        free(base);
+        free(keys);
+        return -1;
+    }
+    float *val = McT + d * m, *acc = val + m;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const float *src = M + rows[keys[i].i] * d;
+        for (Py_ssize_t t = 0; t < d; t++)
+            McT[t * m + i] = src[t];
+        val[i] = base[i];
+    }
+    float neg_lam = (float)(-lam);
+    Py_ssize_t j = 0;
+    order[0] = keys[0].i;
+    for (Py_ssize_t p = 1; p < n_pick; p++) {
+        for (Py_ssize_t i = 0; i < m; i++)
+            acc[i] = 0.0f;
+        for (Py_ssize_t t = 0; t < d; t++)
+            axpy(acc, McT + t * m, McT[t * m + j], m);
+        for (Py_ssize_t i = 0; i < m; i++) {
+            float v = i == j ? -INFINITY : acc[i] * neg_lam + base[i];
+            if (v < val[i])
+                val[i] = v;
+        }
+        Py_ssize_t best = 0;
+        for (Py_ssize_t i = 1; i < m; i++)
+            if (val[i] > val[best])
+                best = i;
+        j = best;
+        order[p] = keys[j].i;
+    }
+    /* want > pool_n: every pool title was picked; then the rest by score (keys is fully sorted). */
+    for (Py_ssize_t q = n_pick; q < want; q++)
+        order[q] = keys[q].i;
+    free(McT);
+    free(base);
+    free(keys);
+    return 0;
+}
+
+/* ---- score_and_pick ------------------------------------------------------------------------------- */
+
+enum { SEQ, NEXT, CF, SESSION, CONTENT, POP, CTX, AFFECT, N_SIGNALS };
+#define SEQ_USED 1
+#define NEXT_USED 2
+
+static double as_double(PyObject *o, int *err)
+{
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred())
+        *err = 1;
+    return v;
+}
+
+PyDoc_STRVAR(score_and_pick_doc,
+"score_and_pick(rows, base, seq_known, w_seq, use_next, w_next, ctx, aff, strength, M, diversity,\n"
+"               pool_max, F, taste, G, session_w, content_w, pop_z, w_pop, order, top_score, T) -> flags\n\n"
+"Score the candidate catalog rows (int64), pick the len(order) to show and split their scores into the\n"
+"signals' terms. base: float32 [3, catalog] (raw sequence and 'next' scores, the other state terms);\n"
+"seq_known (bool per title; None: no sequence signal), ctx and aff (float32 per title, or None): the\n"
+"request's context prior and mood affinity (aff times strength). Writes order (int64 indices into rows),\n"
+"top_score (float32) and T (float32 [8, len(order)], SIGNALS order). flags: 1 sequence used, 2 next used.");
+
+static PyObject *score_and_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    enum { A_ROWS, A_BASE, A_SEQK, A_WSEQ, A_USENEXT, A_WNEXT, A_CTX, A_AFF, A_STRENGTH, A_M, A_DIV, A_POOL,
+           A_F, A_TASTE, A_G, A_SW, A_CW, A_POPZ, A_WPOP, A_ORDER, A_TOP, A_T, N_ARGS };
+    Buf rows, base, seqk, ctx, aff, M, F, taste, G, sw, cw, popz, order, tops, T;
+    Buf *all[] = {&rows, &base, &seqk, &ctx, &aff, &M, &F, &taste, &G, &sw, &cw, &popz, &order, &tops, &T};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        all[i]->held = 0;
+    PyObject *res = NULL;
+    float *scratch = NULL;
+    if (nargs != N_ARGS) {
+        PyErr_Format(PyExc_TypeError, "score_and_pick takes %d arguments", (int)N_ARGS);
+        return NULL;
+    }
+    int err = 0;
+    double w_seq = as_double(args[A_WSEQ], &err), w_next = as_double(args[A_WNEXT], &err);
+    double strength_d = as_double(args[A_STRENGTH], &err), lam = as_double(args[A_DIV], &err);
+    double w_pop = as_double(args[A_WPOP], &err);
+    int use_next = PyObject_IsTrue(args[A_USENEXT]);
+    Py_ssize_t pool_max = PyLong_AsSsize_t(args[A_POOL]);
+    if (err || use_next < 0 || (pool_max == -1 && PyErr_Occurred()))
+        return NULL;
+    if (get_buf(args[A_POPZ], &popz, 4, -1, 0, "pop_z"))
+        goto done;
+    Py_ssize_t n = popz.view.len / 4;  /* catalog size */
+    int use_seq = args[A_SEQK] != Py_None, use_ctx = args[A_CTX] != Py_None, use_aff = args[A_AFF] != Py_None;
+    int use_taste = args[A_TASTE] != Py_None;
+    if (get_buf(args[A_ROWS], &rows, 8, -1, 0, "rows") || get_buf(args[A_BASE], &base, 4, 3 * n, 0, "base") ||
+        (use_seq && get_buf(args[A_SEQK], &seqk, 1, n, 0, "seq_known")) ||
+        (use_ctx && get_buf(args[A_CTX], &ctx, 4, n, 0, "ctx")) ||
+        (use_aff && get_buf(args[A_AFF], &aff, 4, n, 0, "aff")) ||
+        get_buf(args[A_M], &M, 4, -1, 0, "M") || get_buf(args[A_F], &F, 4, -1, 0, "F") ||
+        (use_taste && get_buf(args[A_TASTE], &taste, 4, -1, 0, "taste")) ||
+        get_buf(args[A_G], &G, 4, -1, 0, "G") || get_buf(args[A_SW], &sw, 4, -1, 0, "session_w") ||
+        get_buf(args[A_CW], &cw, 4, -1, 0, "content_w") || get_buf(args[A_ORDER], &order, 8, -1, 1, "order"))
+        goto done;
+    Py_ssize_t c = rows.view.len / 8, k = order.view.len / 8;
+    Py_ssize_t dM = n ? M.view.len / 4 / n : 0, dF = use_taste ? taste.view.len / 4 : 0, dG = sw.view.len / 4;
+    if (get_buf(args[A_TOP], &tops, 4, k, 1, "top_score") || get_buf(args[A_T], &T, 4, N_SIGNALS * k, 1, "T"))
+        goto done;
+    if (M.view.len != n * dM * 4 || (use_taste && F.view.len != n * dF * 4) || G.view.len != n * dG * 4 ||
+        cw.view.len != dG * 4) {
+        PyErr_SetString(PyExc_ValueError, "M, F, taste, G, session_w, content_w: shapes do not match the catalog");
+        goto done;
+    }
+    if (k > c || (c > 0 && k < 1)) {
+        PyErr_SetString(PyExc_ValueError, "order: between 1 and len(rows) items");
+        goto done;
+    }
+    const int64_t *r_ = rows.view.buf;
+    for (Py_ssize_t i = 0; i < c; i++)
+        if (r_[i] < 0 || r_[i] >= n) {
+            PyErr_SetString(PyExc_IndexError, "rows: a row outside the catalog");
+            goto done;
+        }
+    scratch = malloc((size_t)(4 * c + 1) * sizeof(float) + (size_t)c + 1);
+    if (!scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int flags = 0, failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const float *B = base.view.buf, *ctxv = ctx.view.buf, *affv = aff.view.buf;
+    float *b0 = scratch, *b1 = b0 + c, *score = b1 + c, *tmp = score + c;
+    uint8_t *known = (uint8_t *)(tmp + c + 1);
+    int any_next = 0;
+    for (Py_ssize_t i = 0; i < c; i++) {
+        b0[i] = B[r_[i]];
+        b1[i] = B[n + r_[i]];
+        any_next |= b1[i] != 0.0f;
+    }
+    if (use_seq) {
+        const uint8_t *sk = seqk.view.buf;
+        Py_ssize_t nk = 0;
+        for (Py_ssize_t i = 0; i < c; i++)
+            nk += (known[i] = sk[r_[i]] != 0);
+        if (nk) {
+            zscore(b0, nk != c ? known : NULL, c, w_seq, tmp);
+            flags |= SEQ_USED;
+        } else {
+            memset(b0, 0, (size_t)c * sizeof(float));
+        }
+    }
+    if (use_next && any_next) {
+        zscore(b1, NULL, c, w_next, tmp);
+        flags |= NEXT_USED;
+    }
+    float strength = (float)strength_d;
+    for (Py_ssize_t i = 0; i < c; i++) {  /* the numpy path's order: ((b0 + b1) + rest) + ctx + aff */
+        float s = (b0[i] + b1[i]) + B[2 * n + r_[i]];
+        if (use_ctx)
+            s += ctxv[r_[i]];
+        if (use_aff)
+            s += affv[r_[i]] * strength;
+        score[i] = s;
+    }
+    int64_t *o = order.view.buf;
+    if (c && mmr(r_, score, c, M.view.buf, dM, lam, pool_max, k, o) < 0)
+        failed = 1;
+    if (!failed) {
+        float *Tv = T.view.buf, *top = tops.view.buf;
+        const float *Fv = F.view.buf, *tv = taste.view.buf, *Gv = G.view.buf, *swv = sw.view.buf,
+                    *cwv = cw.view.buf, *pz = popz.view.buf;
+        float wp = (float)w_pop;
+        memset(Tv, 0, (size_t)(N_SIGNALS * k) * sizeof(float));
+        for (Py_ssize_t q = 0; q < k; q++) {
+            Py_ssize_t i = o[q];
+            int64_t r = r_[i];
+            top[q] = score[i];
+            Tv[SEQ * k + q] = b0[i];
+            Tv[NEXT * k + q] = b1[i];
+            if (use_taste) {
+                float t = 0.0f;
+                for (Py_ssize_t e = 0; e < dF; e++)
+                    t += Fv[r * dF + e] * tv[e];
+                Tv[CF * k + q] = t;
+            }
+            float a = 0.0f, b = 0.0f;
+            for (Py_ssize_t g = 0; g < dG; g++) {
+                a += Gv[r * dG + g] * swv[g];
+                b += Gv[r * dG + g] * cwv[g];
+            }
+            Tv[SESSION * k + q] = a;
+            Tv[CONTENT * k + q] = b;
+            if (w_pop != 0.0)
+                Tv[POP * k + q] = pz[r] * wp;
+            if (use_ctx)
+                Tv[CTX * k + q] = ctxv[r];
+            if (use_aff)
+                Tv[AFFECT * k + q] = affv[r] * strength;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed)
+        PyErr_NoMemory();
+    else
+        res = PyLong_FromLong(flags);
+done:
+    free(scratch);
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        release(all[i]);
+    return res;
+}
+
+PyDoc_STRVAR(reduce_add_doc, "reduce_add(v) -> float: np.add.reduce of a float32 vector, the same bits (tests).");
+
+static PyObject *py_reduce_add(PyObject *self, PyObject *arg)
+{
+    Buf v;
+    if (get_buf(arg, &v, 4, -1, 0, "v"))
+        return NULL;
+    float s = reduce_add(v.view.buf, v.view.len / 4);
+    release(&v);
+    return PyFloat_FromDouble((double)s);
+}
+
+static PyMethodDef methods[] = {
+    {"candidate_rows", (PyCFunction)(void (*)(void))candidate_rows, METH_FASTCALL, candidate_rows_doc},
+    {"score_and_pick", (PyCFunction)(void (*)(void))score_and_pick, METH_FASTCALL, score_and_pick_doc},
+    {"reduce_add", py_reduce_add, METH_O, reduce_add_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_rankcore", "The Rank path's per-candidate loops (see appliance/ranking/native.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__rankcore(void)
+{
+    return PyModule_Create(&module);
+}

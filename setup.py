@@ -1,0 +1,16 @@
+"""Only the C part of the build (metadata lives in pyproject.toml): the Rank path's loops,
+appliance/ranking/_rankcore.c. Optional: without a compiler the package installs and ranks with numpy."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "appliance.ranking._rankcore",
+            ["appliance/ranking/_rankcore.c"],
+            # No fused multiply-add (aarch64 contracts by default): the roundings stay numpy's.
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11"],
+            optional=True,
+        )
+    ]
+)
