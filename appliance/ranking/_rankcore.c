@@ -19,6 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the wire encoder writes floats in host order: little-endian hosts only"
+#endif
+
 /* ---- buffers ------------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -81,27 +85,35 @@ static PyObject *candidate_rows(PyObject *self, PyObject *const *args, Py_ssize_
     const uint8_t *ok = keep.view.buf;
     int64_t *o = out.view.buf;
     Py_ssize_t unknown = 0, count = 0;
-    uint8_t *mark = calloc(n > 0 ? (size_t)n : 1, 1);
+    Py_ssize_t words = n / 64 + 2;  /* a bit per row, and a last word where ids that are not titles land */
+    uint64_t *mark = calloc((size_t)words, sizeof(uint64_t));
     if (!mark) {
         PyErr_NoMemory();
         goto done;
     }
+    if (n_lut == 0 || n == 0) {
+        free(mark);
+        res = Py_BuildValue("nn", (Py_ssize_t)0, n_ids);
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
+    /* Branch-free, every read in bounds whatever the id: the table lookups (a random read each, mostly
+     * cache misses) overlap instead of waiting behind mispredicted branches on what they return. */
     for (Py_ssize_t i = 0; i < n_ids; i++) {
         int64_t v = x[i];
-        int64_t r = (v >= 0 && v < n_lut) ? tab[v] : -1;
-        if (r < 0 || r >= n) {
-            unknown++;
-        } else if (ok[r] && !mark[r]) {
-            mark[r] = 1;
-            count++;
-        }
+        int inside = (uint64_t)v < (uint64_t)n_lut;
+        int64_t r = tab[inside ? v : 0];
+        int valid = inside & (r >= 0) & (r < n);
+        unknown += !valid;
+        Py_ssize_t src = valid ? (Py_ssize_t)r : 0;
+        Py_ssize_t at = valid ? src : (words - 1) * 64;
+        mark[at >> 6] |= (uint64_t)(valid & (ok[src] != 0)) << (at & 63);
     }
-    if (count) {
-        Py_ssize_t j = 0;
-        for (Py_ssize_t r = 0; r < n && j < count; r++) { /* branch-free: only marked rows advance */
-            o[j] = r;
-            j += mark[r];
+    for (Py_ssize_t w = 0; w < words - 1; w++) {  /* the marked rows, ascending */
+        uint64_t bits = mark[w];
+        while (bits) {
+            o[count++] = w * 64 + __builtin_ctzll(bits);
+            bits &= bits - 1;
         }
     }
     Py_END_ALLOW_THREADS
@@ -276,6 +288,15 @@ static int mmr(const int64_t *rows, const float *score, Py_ssize_t c, const floa
         sort_keys(keys, pool_n, tmp);
     }
     Py_ssize_t n_pick = want < pool_n ? want : pool_n;
+    if (lam > 0.0 && pool_n > 1) {
+        /* The pool's rows of M (3 MB for 10k titles: mostly not in cache) are read below; start loading
+         * them now, so the misses overlap instead of stalling the copy one row at a time. */
+        for (Py_ssize_t i = 0; i < pool_n; i++) {
+            const char *row = (const char *)(M + rows[keys[i].i] * d);
+            for (Py_ssize_t b = 0; b < d * (Py_ssize_t)sizeof(float); b += 64)
+                __builtin_prefetch(row + b);
+        }
+    }
     if (lam <= 0.0 || pool_n <= 1) {
         for (Py_ssize_t q = 0; q < want; q++)
             order[q] = keys[q].i;
@@ -510,6 +531,374 @@ done:
     return res;
 }
 
+/* ---- reasons ---------------------------------------------------------------------------------------- */
+
+/* Signals of item q (column q of T [8, k]) by value, descending, ties by the lower signal: numpy's stable
+ * argsort of -T. */
+static void signal_order(const float *T, Py_ssize_t k, Py_ssize_t q, int *order)
+{
+    for (int j = 0; j < N_SIGNALS; j++) {
+        int x = j;
+        int p = j;
+        float v = T[j * k + q];
+        while (p > 0 && v > T[order[p - 1] * k + q]) {
+            order[p] = order[p - 1];
+            p--;
+        }
+        order[p] = x;
+    }
+}
+
+/* reasons.reason_floor of the item's strongest value. */
+static inline double reason_floor(double top, double min_abs, double min_share)
+{
+    return min_share * top > min_abs ? min_share * top : min_abs;
+}
+
+static int get_T(PyObject *obj, Buf *b, Py_ssize_t *k)
+{
+    if (get_buf(obj, b, 4, -1, 0, "T"))
+        return -1;
+    if ((b->view.len / 4) % N_SIGNALS) {
+        PyErr_SetString(PyExc_ValueError, "T: float32 [8, k] expected");
+        return -1;
+    }
+    *k = b->view.len / 4 / N_SIGNALS;
+    return 0;
+}
+
+PyDoc_STRVAR(strong_signals_doc,
+"strong_signals(T, min_abs, min_share) -> int\n\n"
+"Bit j set: signal j is not below some item's reason floor (the signals whose reason texts are needed).");
+
+static PyObject *strong_signals(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Buf T;
+    Py_ssize_t k;
+    int err = 0;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "strong_signals takes 3 arguments");
+        return NULL;
+    }
+    double min_abs = as_double(args[1], &err), min_share = as_double(args[2], &err);
+    if (err || get_T(args[0], &T, &k)) {
+        if (!err) release(&T);
+        return NULL;
+    }
+    const float *t = T.view.buf;
+    long mask = 0;
+    int order[N_SIGNALS];
+    for (Py_ssize_t q = 0; q < k; q++) {
+        signal_order(t, k, q, order);
+        double floor_ = reason_floor(t[order[0] * k + q], min_abs, min_share);
+        for (int o = 0; o < N_SIGNALS; o++) {
+            if ((double)t[order[o] * k + q] < floor_)
+                break;
+            mask |= 1L << order[o];
+        }
+    }
+    release(&T);
+    return PyLong_FromLong(mask);
+}
+
+PyDoc_STRVAR(pick_reasons_doc,
+"pick_reasons(T, made, names, min_abs, min_share, max_reasons) -> list\n\n"
+"Per item (column of T), reasons.strong_from_made: walk its signals by value while not below its floor,\n"
+"take made[j][item] = (text, named id) where there is one, one reason per named title, at most\n"
+"max_reasons; each as a (text, names[j], value, named id) tuple. made[j] is None for a signal never read.\n"
+"An item with no reason gets an empty list (the caller's fallback).");
+
+static PyObject *pick_reasons(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Buf T;
+    Py_ssize_t k;
+    int err = 0;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "pick_reasons takes 6 arguments");
+        return NULL;
+    }
+    PyObject *made = args[1], *names = args[2];
+    double min_abs = as_double(args[3], &err), min_share = as_double(args[4], &err);
+    Py_ssize_t max_reasons = PyLong_AsSsize_t(args[5]);
+    if (err || (max_reasons == -1 && PyErr_Occurred()))
+        return NULL;
+    if (!PyList_Check(made) || PyList_GET_SIZE(made) != N_SIGNALS || !PyTuple_Check(names) ||
+        PyTuple_GET_SIZE(names) != N_SIGNALS) {
+        PyErr_SetString(PyExc_TypeError, "made: a list of 8, names: a tuple of 8");
+        return NULL;
+    }
+    if (get_T(args[0], &T, &k))
+        return NULL;
+    for (int j = 0; j < N_SIGNALS; j++) {
+        PyObject *col = PyList_GET_ITEM(made, j);
+        if (col != Py_None && (!PyList_Check(col) || PyList_GET_SIZE(col) != k)) {
+            release(&T);
+            PyErr_SetString(PyExc_TypeError, "made[j]: None or a list with one entry per item");
+            return NULL;
+        }
+    }
+    const float *t = T.view.buf;
+    PyObject *out = PyList_New(k);
+    if (!out) {
+        release(&T);
+        return NULL;
+    }
+    int order[N_SIGNALS];
+    long long named[N_SIGNALS];
+    for (Py_ssize_t q = 0; q < k; q++) {
+        PyObject *rs = PyList_New(0);
+        if (!rs)
+            goto fail;
+        PyList_SET_ITEM(out, q, rs);
+        signal_order(t, k, q, order);
+        double floor_ = reason_floor(t[order[0] * k + q], min_abs, min_share);
+        int n_named = 0;
+        for (int o = 0; o < N_SIGNALS && PyList_GET_SIZE(rs) < max_reasons; o++) {
+            int j = order[o];
+            double value = t[j * k + q];
+            if (value < floor_)
+                break;
+            PyObject *col = PyList_GET_ITEM(made, j);
+            if (col == Py_None)
+                continue;
+            PyObject *m = PyList_GET_ITEM(col, q);
+            if (m == Py_None)
+                continue;
+            if (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) != 2) {
+                PyErr_SetString(PyExc_TypeError, "made[j][i]: None or a (text, named id) tuple");
+                goto fail;
+            }
+            PyObject *text = PyTuple_GET_ITEM(m, 0), *id = PyTuple_GET_ITEM(m, 1);
+            long long nid = PyLong_AsLongLong(id);
+            if (nid == -1 && PyErr_Occurred())
+                goto fail;
+            if (nid) {
+                int seen = 0;
+                for (int a = 0; a < n_named; a++)
+                    seen |= named[a] == nid;
+                if (seen)
+                    continue;  /* one reason per named title */
+                named[n_named++] = nid;
+            }
+            PyObject *v = PyFloat_FromDouble(value);
+            if (!v)
+                goto fail;
+            PyObject *r = PyTuple_Pack(4, text, PyTuple_GET_ITEM(names, j), v, id);
+            Py_DECREF(v);
+            if (!r || PyList_Append(rs, r) < 0) {
+                Py_XDECREF(r);
+                goto fail;
+            }
+            Py_DECREF(r);
+        }
+    }
+    release(&T);
+    return out;
+fail:
+    release(&T);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* ---- the RankedItems' wire bytes --------------------------------------------------------------------- */
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} Out;
+
+static int out_reserve(Out *o, Py_ssize_t extra)
+{
+    if (o->n + extra <= o->cap)
+        return 0;
+    Py_ssize_t cap = o->cap ? o->cap : 256;
+    while (cap < o->n + extra)
+        cap *= 2;
+    char *p = realloc(o->p, (size_t)cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    o->p = p;
+    o->cap = cap;
+    return 0;
+}
+
+static int put(Out *o, const void *src, Py_ssize_t len)
+{
+    if (out_reserve(o, len))
+        return -1;
+    memcpy(o->p + o->n, src, (size_t)len);
+    o->n += len;
+    return 0;
+}
+
+static int put_varint(Out *o, uint64_t v)
+{
+    unsigned char b[10];
+    int n = 0;
+    while (v > 0x7F) {
+        b[n++] = (unsigned char)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    b[n++] = (unsigned char)v;
+    return put(o, b, n);
+}
+
+static int put_byte(Out *o, unsigned char b)
+{
+    return put(o, &b, 1);
+}
+
+/* tag, length, bytes: a length-delimited field */
+static int put_ld(Out *o, unsigned char tag, const char *src, Py_ssize_t len)
+{
+    return put_byte(o, tag) || put_varint(o, (uint64_t)len) || put(o, src, len);
+}
+
+/* a string field, left out when empty (proto3) */
+static int put_str(Out *o, unsigned char tag, PyObject *s)
+{
+    Py_ssize_t len;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &len);
+    if (!u)
+        return -1;
+    return len ? put_ld(o, tag, u, len) : 0;
+}
+
+/* a float field, left out when its 32 bits are 0 (-0.0 is kept) */
+static int put_f32(Out *o, unsigned char tag, float v)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    if (!bits)
+        return 0;
+    return put_byte(o, tag) || put(o, &v, 4);  /* little-endian hosts only (x86-64, aarch64) */
+}
+
+static int put_sub(Out *o, unsigned char tag, const Out *body)
+{
+    return put_ld(o, tag, body->p ? body->p : "", body->n);
+}
+
+static struct {
+    int ready;
+    unsigned char item, id, title, score, reason, r_text, r_signal, r_weight, r_because;
+} wire;
+
+PyDoc_STRVAR(configure_wire_doc,
+"configure_wire(item, item_id, title, score, reasons, text, signal, weight, because_item_id)\n\n"
+"The one-byte tags of RankResponse.items and of the RankedItem and Reason fields (from the descriptors).");
+
+static PyObject *configure_wire(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned char t[9];
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "configure_wire takes 9 tags");
+        return NULL;
+    }
+    for (int i = 0; i < 9; i++) {
+        long v = PyLong_AsLong(args[i]);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v < 8 || v > 0x7F) {
+            PyErr_SetString(PyExc_ValueError, "tags must be one byte (field numbers 1..15)");
+            return NULL;
+        }
+        t[i] = (unsigned char)v;
+    }
+    wire.item = t[0]; wire.id = t[1]; wire.title = t[2]; wire.score = t[3]; wire.reason = t[4];
+    wire.r_text = t[5]; wire.r_signal = t[6]; wire.r_weight = t[7]; wire.r_because = t[8];
+    wire.ready = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(encode_items_doc,
+"encode_items(ids, titles, scores, T, reasons, contrib_prefixes) -> bytes\n\n"
+"The RankResponse.items fields of a ranking, byte for byte what rankpath.ResponseEncoder writes: ids (list\n"
+"of int), titles (list of str), scores (float32 [k]), T (float32 [8, k]: each item's contributions),\n"
+"reasons (per item, (text, signal, weight, because_item_id) tuples), contrib_prefixes (8 bytes: all of\n"
+"a contribution but its value's 4 bytes).");
+
+static PyObject *encode_items(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "encode_items takes 6 arguments");
+        return NULL;
+    }
+    if (!wire.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "configure_wire first");
+        return NULL;
+    }
+    PyObject *ids = args[0], *titles = args[1], *reasons = args[4], *prefixes = args[5];
+    Buf sc, T;
+    sc.held = T.held = 0;
+    Py_ssize_t k;
+    Out out = {0}, item = {0}, rsn = {0};
+    PyObject *res = NULL;
+    if (get_T(args[3], &T, &k) || get_buf(args[2], &sc, 4, k, 0, "scores"))
+        goto done;
+    if (!PyList_Check(ids) || !PyList_Check(titles) || !PyList_Check(reasons) || PyList_GET_SIZE(ids) != k ||
+        PyList_GET_SIZE(titles) != k || PyList_GET_SIZE(reasons) != k || !PyTuple_Check(prefixes) ||
+        PyTuple_GET_SIZE(prefixes) != N_SIGNALS) {
+        PyErr_SetString(PyExc_TypeError, "ids, titles, reasons: lists of k; contrib_prefixes: a tuple of 8");
+        goto done;
+    }
+    const float *t = T.view.buf, *scores = sc.view.buf;
+    for (Py_ssize_t q = 0; q < k; q++) {
+        item.n = 0;
+        long long id = PyLong_AsLongLong(PyList_GET_ITEM(ids, q));
+        if (id == -1 && PyErr_Occurred())
+            goto done;
+        if (id && (put_byte(&item, wire.id) || put_varint(&item, (uint64_t)id)))
+            goto done;
+        if (put_str(&item, wire.title, PyList_GET_ITEM(titles, q)) || put_f32(&item, wire.score, scores[q]))
+            goto done;
+        PyObject *rs = PyList_GET_ITEM(reasons, q);
+        if (!PyList_Check(rs)) {
+            PyErr_SetString(PyExc_TypeError, "reasons: a list per item");
+            goto done;
+        }
+        for (Py_ssize_t a = 0; a < PyList_GET_SIZE(rs); a++) {
+            PyObject *r = PyList_GET_ITEM(rs, a);
+            if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 4) {
+                PyErr_SetString(PyExc_TypeError, "a reason: a (text, signal, weight, because_item_id) tuple");
+                goto done;
+            }
+            rsn.n = 0;
+            double w = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 2));
+            long long b = PyLong_AsLongLong(PyTuple_GET_ITEM(r, 3));
+            if (PyErr_Occurred())
+                goto done;
+            if (put_str(&rsn, wire.r_text, PyTuple_GET_ITEM(r, 0)) ||
+                put_str(&rsn, wire.r_signal, PyTuple_GET_ITEM(r, 1)) || put_f32(&rsn, wire.r_weight, (float)w) ||
+                (b && (put_byte(&rsn, wire.r_because) || put_varint(&rsn, (uint64_t)b))) ||
+                put_sub(&item, wire.reason, &rsn))
+                goto done;
+        }
+        for (int j = 0; j < N_SIGNALS; j++) {  /* every contribution, zeros written out too */
+            PyObject *pre = PyTuple_GET_ITEM(prefixes, j);
+            if (!PyBytes_Check(pre)) {
+                PyErr_SetString(PyExc_TypeError, "contrib_prefixes: bytes");
+                goto done;
+            }
+            float v = t[j * k + q];
+            if (put(&item, PyBytes_AS_STRING(pre), PyBytes_GET_SIZE(pre)) || put(&item, &v, 4))
+                goto done;
+        }
+        if (put_sub(&out, wire.item, &item))
+            goto done;
+    }
+    res = PyBytes_FromStringAndSize(out.p ? out.p : "", out.n);
+done:
+    free(out.p);
+    free(item.p);
+    free(rsn.p);
+    release(&sc);
+    release(&T);
+    return res;
+}
+
 PyDoc_STRVAR(reduce_add_doc, "reduce_add(v) -> float: np.add.reduce of a float32 vector, the same bits (tests).");
 
 static PyObject *py_reduce_add(PyObject *self, PyObject *arg)
@@ -525,6 +914,10 @@ static PyObject *py_reduce_add(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"candidate_rows", (PyCFunction)(void (*)(void))candidate_rows, METH_FASTCALL, candidate_rows_doc},
     {"score_and_pick", (PyCFunction)(void (*)(void))score_and_pick, METH_FASTCALL, score_and_pick_doc},
+    {"strong_signals", (PyCFunction)(void (*)(void))strong_signals, METH_FASTCALL, strong_signals_doc},
+    {"pick_reasons", (PyCFunction)(void (*)(void))pick_reasons, METH_FASTCALL, pick_reasons_doc},
+    {"configure_wire", (PyCFunction)(void (*)(void))configure_wire, METH_FASTCALL, configure_wire_doc},
+    {"encode_items", (PyCFunction)(void (*)(void))encode_items, METH_FASTCALL, encode_items_doc},
     {"reduce_add", py_reduce_add, METH_O, reduce_add_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -72,6 +72,9 @@ from appliance.ranking.mood import (
 from appliance.ranking.native import NEXT_USED, SEQ_USED
 from appliance.ranking.native import load as load_native
 from appliance.ranking.reasons import (
+    MAX_REASONS,
+    MIN_ABS,
+    MIN_SHARE,
     SIGNALS,
     Reason,
     fallback_from_made,
@@ -152,15 +155,31 @@ class RankedItem:
 
 class Explained:
     """The returned items of a ranking as plain columns: what `RankedItem`s are made of, without making
-    them (the Rank path encodes these directly; `RankResult.items` builds the objects on first use)."""
+    them (the Rank path encodes these directly; `RankResult.items` builds the objects on first use).
+    `score32` and `T` (float32 [8, k], SIGNALS order) are the arrays the scores and contributions come from;
+    `scores` and `values` are their Python lists, made on first use."""
 
-    __slots__ = ("ids", "titles", "scores", "values", "reasons")
+    __slots__ = ("ids", "titles", "score32", "T", "reasons", "_scores", "_values")
 
-    def __init__(self, ids: list[int], titles: list[str], scores: list[float], values: list[list[float]],
-                 reasons: list[list[tuple]]) -> None:
-        self.ids, self.titles, self.scores = ids, titles, scores
-        self.values = values    # per item: the signal contributions in SIGNALS order
+    def __init__(self, ids: list[int], titles: list[str], score32: np.ndarray, T: np.ndarray,
+                 reasons: list[list[tuple]], values: list[list[float]] | None = None) -> None:
+        self.ids, self.titles, self.score32, self.T = ids, titles, score32, T
         self.reasons = reasons  # per item: (text, signal, weight, because_item_id) tuples, Reason's fields
+        self._scores: list[float] | None = None
+        self._values = values
+
+    @property
+    def scores(self) -> list[float]:
+        if self._scores is None:
+            self._scores = self.score32.tolist()
+        return self._scores
+
+    @property
+    def values(self) -> list[list[float]]:
+        """Per item: the signal contributions in SIGNALS order."""
+        if self._values is None:
+            self._values = self.T.T.tolist()
+        return self._values
 
     def items(self) -> list[RankedItem]:
         return [RankedItem(i, t, s, dict(zip(SIGNALS, v)), [Reason(*r) for r in rs])
@@ -780,21 +799,35 @@ class Ranker:
         when some item's reasons will read them: first for the signals strong enough to make a reason, then,
         for the items none of those explained, for the signals that pushed them up at all (`_made`). The
         items come back as columns (`Explained`), the reasons as Reason field tuples: no object per item."""
-        Tl = T.T.tolist()
-        orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
-        strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
-        for v, o in zip(Tl, orders):
-            floor = reason_floor(v[o[0]])
-            for j in o:
-                if v[j] < floor:
-                    break
-                strong[j] = True
+        native = self._native
         rows = top.tolist()
-        none = [None] * len(rows)
-        cols = [self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt) if on else none
-                for j, on in enumerate(strong)]
-        reasons = list(map(strong_from_made, Tl, orders, zip(*cols)))
+        if native is not None:  # the same walk in C (native.py), reading the same made texts
+            mask = native.strong_signals(T, MIN_ABS, MIN_SHARE)
+            cols = [self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt) if mask >> j & 1 else None
+                    for j in range(len(SIGNALS))]
+            reasons = native.pick_reasons(T, cols, SIGNALS, MIN_ABS, MIN_SHARE, MAX_REASONS)
+            Tl = orders = None
+        else:
+            Tl = T.T.tolist()
+            orders = np.argsort(-T, axis=0, kind="stable").T.tolist()  # per item: signals by value, descending
+            strong = [False] * len(SIGNALS)  # what `strong_reasons` reads: the signals not below the item's floor
+            for v, o in zip(Tl, orders):
+                floor = reason_floor(v[o[0]])
+                for j in o:
+                    if v[j] < floor:
+                        break
+                    strong[j] = True
+            none = [None] * len(rows)
+            cols = [self._made(j, rows, top, d, ctx_keys, mood, seq_recent, nxt) if on else none
+                    for j, on in enumerate(strong)]
+            reasons = list(map(strong_from_made, Tl, orders, zip(*cols)))
         if not all(reasons):
+            if Tl is None:
+                Tl = T.T.tolist()
+                orders = np.argsort(-T, axis=0, kind="stable").T.tolist()
+                strong = [c is not None for c in cols]
+                none = [None] * len(rows)
+                cols = [none if c is None else c for c in cols]
             weak = [i for i, rs in enumerate(reasons) if not rs]
             pushed = (T > 0).any(axis=1).tolist()
             for j in range(len(SIGNALS)):
@@ -804,7 +837,7 @@ class Ranker:
             for i in weak:
                 reasons[i] = [fallback_from_made(Tl[i], orders[i], made[i])]
         ids, titles = self._id_list, self.catalog.titles
-        return Explained([ids[r] for r in rows], [titles[r] for r in rows], score.tolist(), Tl, reasons)
+        return Explained([ids[r] for r in rows], [titles[r] for r in rows], score, T, reasons, Tl)
 
     def _made(self, j: int, rows: list[int], top: np.ndarray, d: _Derived, ctx_keys: tuple[str, ...], mood: str,
               seq_recent: np.ndarray | None, nxt: np.ndarray | None) -> list:

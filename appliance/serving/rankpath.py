@@ -32,6 +32,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from appliance.errors import ValidationError
+from appliance.ranking.native import load as load_native
 from appliance.ranking.reasons import SIGNALS
 from appliance.v1 import common_pb2, ranker_pb2
 
@@ -223,6 +224,12 @@ class ResponseEncoder:
         self._contrib_struct: dict[tuple[str, ...], Callable[[list[float]], bytes]] = {}
         self._signals_packer: Callable[[list[float]], bytes] | None = None
         self._lock = threading.Lock()
+        self._native = load_native()  # the items of an `Explained` in one C call (the same bytes)
+        if self._native is not None:
+            self._native.configure_wire(self._t_item, self._t_id, self._t_title, self._t_score[0], self._t_reason,
+                                        self._t_r_text, self._t_r_signal, self._t_r_weight[0],
+                                        self._t_r_because[0])
+            self._prefixes = tuple(self._contribution_prefix(n) for n in SIGNALS)
 
     def _head(self, item_id: int, title: str) -> bytes:
         key = (item_id, title)
@@ -313,7 +320,9 @@ class ResponseEncoder:
         """The RankResponse of a ranking, without affect_age_s (see `with_age`). A ranking that carries its
         items as columns (`result.explained`) is encoded from them, without making the item objects."""
         ex = getattr(result, "explained", None)
-        if ex is not None:
+        if ex is not None and self._native is not None:
+            parts = [self._native.encode_items(ex.ids, ex.titles, ex.score32, ex.T, ex.reasons, self._prefixes)]
+        elif ex is not None:
             packer = self._signals_packer or self._make_signals_packer()
             item = self._item
             parts = [item(i, t, s, v, rs, packer)

@@ -12,8 +12,8 @@ import pytest
 from appliance.errors import ValidationError
 from appliance.fusion.state import COMPLETE, LIKE, SKIP, AffectState, ProfileState, SessionState
 from appliance.ranking import RankContext
-from appliance.ranking.ranker import RankedItem, RankResult
-from appliance.ranking.reasons import Reason
+from appliance.ranking.ranker import Explained, RankedItem, RankResult
+from appliance.ranking.reasons import SIGNALS, Reason
 from appliance.serving.rankpath import (
     RankCache,
     encode_response,
@@ -77,6 +77,22 @@ def test_edge_values_encode_like_protobuf():
     assert ranker_pb2.RankResponse.FromString(encode_response(result)) == _reference(result)
     assert ranker_pb2.RankResponse.FromString(encode_response(RankResult([], False, -1.0, "", ""))) == \
         ranker_pb2.RankResponse()
+
+
+def test_edge_values_encode_alike_from_columns():
+    """The columns' encoder (C where built) writes the bytes the item objects' encoder writes, edge values
+    included: zero and -0.0 scores, NaN/inf contributions, empty and unicode texts, huge and negative ids."""
+    T = np.zeros((len(SIGNALS), 3), np.float32)
+    T[:, 0] = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-30]
+    T[:, 2] = np.arange(8, dtype=np.float32) * 1e6
+    ex = Explained([0, 2**62, -7], ["", "Amélie — 千と千尋 🎬", "x" * 300], np.array([0.0, -0.0, -3.25], np.float32), T,
+                   [[], [("", "", 0.0, 0), ("Because you liked Ü", "collaborative", -0.5, -7)],
+                    [("é" * 200, "sequence", 1e-40, 2**40)]])
+    result = RankResult(ex, True, 0.5, "upbeat 😀", "v-ü")
+    objects = RankResult(ex.items(), True, 0.5, "upbeat 😀", "v-ü")
+    assert encode_response(result) == encode_response(objects)
+    assert list(ranker_pb2.RankResponse.FromString(encode_response(result)).items) == \
+        list(_reference(objects).items)
 
 
 def _request(ids: list[int]) -> ranker_pb2.RankRequest:
