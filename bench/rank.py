@@ -129,6 +129,28 @@ def _client(sock: str, session: str, ids: np.ndarray, calls: int, warmup: int, c
              "elapsed_s": elapsed})
 
 
+def _handler_seconds(server: psutil.Process) -> dict[str, tuple[float, float]]:
+    """The ranker's own handler time (sum, count) per method, from its Prometheus endpoint on loopback
+    (appliance_rpc_seconds: measured inside the server, decode to encode); {} when it is not reachable."""
+    import urllib.request
+
+    ports = [c.laddr.port for c in server.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    for port in ports:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            continue
+        out: dict[str, list[float]] = {}
+        for line in text.splitlines():
+            for part, i in (("appliance_rpc_seconds_sum{", 0), ("appliance_rpc_seconds_count{", 1)):
+                if line.startswith(part):
+                    method = line.split('method="', 1)[1].split('"', 1)[0]
+                    out.setdefault(method, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
+        if out:
+            return {m: (v[0], v[1]) for m, v in out.items()}
+    return {}
+
+
 def _run_level(ctx: Any, sock: str, session: str, ids: np.ndarray, clients: int, calls: int, args: Any,
                server: psutil.Process) -> dict[str, Any]:
     start = ctx.Event()
@@ -140,11 +162,15 @@ def _run_level(ctx: Any, sock: str, session: str, ids: np.ndarray, clients: int,
         p.start()
     time.sleep(1.0 + 0.2 * clients)  # let every client connect and warm up
     cpu0 = server.cpu_times()
+    h0 = _handler_seconds(server)
     t0 = time.perf_counter()
     start.set()
     results = [out.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - t0
     cpu1 = server.cpu_times()
+    h1 = _handler_seconds(server)
+    handler = {m: round((h1[m][0] - h0.get(m, (0.0, 0.0))[0]) / (h1[m][1] - h0.get(m, (0.0, 0.0))[1]) * 1e3, 4)
+               for m in ("Ranker/Rank", "Status/Ping") if m in h1 and h1[m][1] > h0.get(m, (0.0, 0.0))[1]}
     for p in procs:
         p.join(timeout=30)
     ping = np.concatenate([r["ping_ms"] for r in results])
@@ -157,7 +183,8 @@ def _run_level(ctx: Any, sock: str, session: str, ids: np.ndarray, clients: int,
             "rank": r, "floor": f,
             "ratio_p50": round(r["p50_ms"] / f["p50_ms"], 3), "ratio_p99": round(r["p99_ms"] / f["p99_ms"], 3),
             "ranks_per_s": round(len(rank) / wall, 1),
-            "server_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2), "wall_s": round(wall, 2)}
+            "server_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2), "wall_s": round(wall, 2),
+            "server_handler_mean_ms": handler}
 
 
 def _seed(client: Any, ids: np.ndarray, rng: np.random.Generator) -> str:
@@ -227,13 +254,14 @@ def main(argv: list[str]) -> int:
           f"{result['machine']['cores']} cores)", "",
           f"{args.candidates} candidates, k={args.k}, catalog {len(ids)} titles, server `{result['config']['server']}`, "
           "clients are processes; every client alternates Ping (floor) and Rank.", "",
-          "| pattern / clients | Rank p50 | p90 | p99 | floor p50 | p99 | ratio p50 | ratio p99 | Ranks/s | errors |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| pattern / clients | Rank p50 | p90 | p99 | floor p50 | p99 | ratio p50 | ratio p99 | Ranks/s | errors "
+          "| server handler mean: Rank / Ping |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, lv in levels.items():
-        r, f = lv["rank"], lv["floor"]
+        r, f, hd = lv["rank"], lv["floor"], lv.get("server_handler_mean_ms", {})
         md.append(f"| {name} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {f['p50_ms']:.3f} | "
                   f"{f['p99_ms']:.3f} | {lv['ratio_p50']:.2f} | {lv['ratio_p99']:.2f} | {lv['ranks_per_s']:.0f} | "
-                  f"{lv['errors']} |")
+                  f"{lv['errors']} | {hd.get('Ranker/Rank', float('nan')):.3f} / {hd.get('Status/Ping', float('nan')):.3f} |")
     md += ["", f"Headline (fresh, 1 client): Rank p99 {result['rank']['p99_ms']:.3f} ms, floor p99 "
            f"{result['floor']['p99_ms']:.3f} ms, ratio {result['ratio_p99']:.2f}. Server RSS "
            f"{rss_start:.0f} -> {rss_end:.0f} MB. Times in ms.", ""]

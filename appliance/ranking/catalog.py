@@ -195,6 +195,17 @@ class Catalog:
             self._lut = np.full(int(self.ids[-1]) + 2, -1, dtype=np.int32)
             self._lut[self.ids] = np.arange(len(self.ids), dtype=np.int32)
             self._lut_clips = int(self.ids[0]) > 0
+        # The same map as a rank bitmap (the C Rank path's): bit `id` set for a title, and per word of 64 ids
+        # the number of titles before it, so row = base[id // 64] + the set bits below id in its word (rows
+        # are in id order). 36 KB for MovieLens's ids where the dense table is 775 KB: it stays in cache,
+        # and a Rank's 1,000 lookups no longer wait on memory.
+        self._id_bits: tuple[np.ndarray, np.ndarray] | None = None
+        if self._lut is not None:
+            words = int(self.ids[-1]) // 64 + 1
+            bits = np.zeros(words, dtype=np.uint64)
+            np.bitwise_or.at(bits, self.ids // 64, np.left_shift(np.uint64(1), (self.ids % 64).astype(np.uint64)))
+            per_word = np.bincount(self.ids // 64, minlength=words)
+            self._id_bits = (bits, np.concatenate([[0], np.cumsum(per_word)[:-1]]).astype(np.int32))
 
     @classmethod
     def from_rows(cls, rows: Sequence[CatalogRow]) -> Catalog:
@@ -232,6 +243,12 @@ class Catalog:
             return np.full(len(ids), -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, pos, -1)
+
+    @property
+    def id_bits(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(bits uint64, base int32): the id -> row map as a rank bitmap (see __init__), None without a
+        dense table."""
+        return self._id_bits
 
     @property
     def dense_lut(self) -> np.ndarray | None:

@@ -628,7 +628,7 @@ class Ranker:
         d = self._derived(profile, session)
         native = self._native
         if native is not None and candidate_ids is not None and len(candidate_ids) \
-                and self.catalog.dense_lut is not None:
+                and self.catalog.id_bits is not None:
             rows, unknown = self._candidate_rows_native(native, d, context.max_maturity, candidate_ids)
         else:
             rows, unknown = self._candidate_rows(d, context.max_maturity, candidate_ids)
@@ -717,7 +717,8 @@ class Ranker:
         keep = self._keep(d, max_maturity)
         ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
         out = np.empty(len(ids) + 1, dtype=np.int64)
-        count, n_unknown = native.candidate_rows(ids, self.catalog.dense_lut, keep, out)
+        bits, base = self.catalog.id_bits
+        count, n_unknown = native.candidate_rows(ids, bits, base, keep, out)
         unknown = np.unique(ids[self.catalog.lookup(ids) < 0]).tolist() if n_unknown else []
         return out[:count], unknown
 

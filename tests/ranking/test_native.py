@@ -54,13 +54,16 @@ def test_reduce_add_is_numpys_float32_sum() -> None:
 def test_candidate_rows_are_the_unique_known_kept_rows(catalog) -> None:
     rng = np.random.default_rng(3)
     lut = catalog.dense_lut
+    bits, base = catalog.id_bits
     for size in (1, 5, 300, 1000, 5000):
         keep = rng.random(len(catalog)) < 0.8
         ids = rng.choice(catalog.ids, size)   # with repeats
         ids[::7] = -ids[::7]                  # ids that are not titles: negative ...
         ids[3::11] = len(lut) + ids[3::11]    # ... and beyond the table
+        ids[5::17] += 1                       # ... and between titles
+        ids[:2] = [np.iinfo(np.int64).min, np.iinfo(np.int64).max][: len(ids)]
         out = np.empty(size + 1, np.int64)
-        count, unknown = rankcore.candidate_rows(ids, lut, keep, out)
+        count, unknown = rankcore.candidate_rows(ids, bits, base, keep, out)
         rows = catalog.lookup(ids)
         want = np.unique(rows[rows >= 0])
         assert out[:count].tolist() == want[keep[want]].tolist()
@@ -113,17 +116,19 @@ def test_k_beyond_the_pool_and_no_diversity(both, catalog) -> None:
 
 
 def test_bad_buffers_are_errors_not_crashes(ranker) -> None:
-    lut = ranker.catalog.dense_lut
+    bits, base = ranker.catalog.id_bits
     keep = np.ones(len(ranker.catalog), bool)
     ids = np.arange(10, dtype=np.int64)
     with pytest.raises(ValueError):
-        rankcore.candidate_rows(ids, lut, keep, np.empty(5, np.int64))       # out too short
+        rankcore.candidate_rows(ids, bits, base, keep, np.empty(5, np.int64))       # out too short
     with pytest.raises(ValueError):
-        rankcore.candidate_rows(ids.astype(np.int32)[:3], lut, keep, np.empty(11, np.int64))  # not 8-byte ids
+        rankcore.candidate_rows(ids.astype(np.int32)[:3], bits, base, keep, np.empty(11, np.int64))  # 4-byte ids
+    with pytest.raises(ValueError):
+        rankcore.candidate_rows(ids, bits, base[:-1], keep, np.empty(11, np.int64))  # base of the wrong size
     with pytest.raises(TypeError):
-        rankcore.candidate_rows(ids, lut, keep, b"\0" * 88)                   # read-only out
+        rankcore.candidate_rows(ids, bits, base, keep, b"\0" * 88)                   # read-only out
     with pytest.raises(TypeError):
-        rankcore.candidate_rows(ids[::2], lut, keep, np.empty(11, np.int64))  # not contiguous
+        rankcore.candidate_rows(ids[::2], bits, base, keep, np.empty(11, np.int64))  # not contiguous
     n = len(ranker.catalog)
     z = np.zeros(n, np.float32)
     args = [np.array([0, 1, n + 5], np.int64), np.zeros((3, n), np.float32), None, 1.0, False, 0.0, None, None,
