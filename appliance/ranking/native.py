@@ -1,4 +1,5 @@
-"""The Rank path's per-candidate loops in C (`_rankcore.c`), when the build compiled them.
+"""The Rank path's per-candidate loops, the reasons' walk and the items' wire bytes in C (`_rankcore.c`), when
+the build compiled them.
 
 `make setup` (pip's build of setup.py) compiles the module next to this file; a box whose image had no
 compiler gets no module, and the ranker then runs the same steps as numpy calls (ranker.py), which give the

@@ -41,10 +41,11 @@ contributions are bit-identical; the one exception is MMR's similarities, one sm
 of a mat-vec per pick: the same values up to the last bit, which can move a pick only at an exact near-tie
 (none in 4,800 random rankings checked against the per-pick mat-vecs).
 
-Where the build compiled them (native.py), ids to rows and scores + MMR + the shown titles' terms are two C
-calls instead (`_rankcore.c`: the same float32 steps and numpy's pairwise sums, so the scores are the same
-bits; dot products summed in order rather than by BLAS); tests/ranking/test_native.py holds the two paths
-to the same rankings, and the numpy path stays the statement of the rules.
+Where the build compiled them (native.py), ids to rows, scores + MMR + the shown titles' terms, and the
+reasons' walk are C calls instead (`_rankcore.c`: the same float32 steps and numpy's pairwise sums, so the
+scores are the same bits; dot products summed in order rather than by BLAS); the reason texts themselves are
+still made here (`_made`, kept per state). tests/ranking/test_native.py holds the two paths to the same
+rankings and reasons, and the numpy path stays the statement of the rules.
 """
 
 from __future__ import annotations
