@@ -1,5 +1,6 @@
 /* The Rank path's per-candidate arithmetic in C: ids to catalog rows, then scores, MMR and the shown
- * titles' per-signal terms, each in one call (appliance/ranking/native.py is the Python side).
+ * titles' per-signal terms, each in one call; then the reasons' walk and the RankedItems' wire bytes
+ * (appliance/ranking/native.py is the Python side).
  *
  * Why: as numpy, a Rank over 1,000 candidates is a few dozen calls on ~1,000-element arrays, and each
  * call's fixed cost is most of its price. Here the same steps are plain loops. No numpy C API: arrays
@@ -21,14 +22,6 @@
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the wire encoder writes floats in host order: little-endian hosts only"
-#endif
-
-#ifdef RANKCORE_KEEP_GIL
-#define RC_BEGIN_ALLOW_THREADS {
-#define RC_END_ALLOW_THREADS }
-#else
-#define RC_BEGIN_ALLOW_THREADS Py_BEGIN_ALLOW_THREADS
-#define RC_END_ALLOW_THREADS Py_END_ALLOW_THREADS
 #endif
 
 /* ---- buffers ------------------------------------------------------------------------------------ */
@@ -129,7 +122,7 @@ static PyObject *candidate_rows(PyObject *self, PyObject *const *args, Py_ssize_
         goto done;
     }
     int64_t *o = out.view.buf;
-    RC_BEGIN_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS
     unknown = mark_rows(ids.view.buf, n_ids, bits.view.buf, base.view.buf, words, keep.view.buf, n, mark,
                         (mark_words - 1) * 64);
     for (Py_ssize_t w = 0; w < mark_words - 1; w++) {  /* the marked rows, ascending */
@@ -139,7 +132,7 @@ static PyObject *candidate_rows(PyObject *self, PyObject *const *args, Py_ssize_
             b &= b - 1;
         }
     }
-    RC_END_ALLOW_THREADS
+    Py_END_ALLOW_THREADS
     free(mark);
     res = Py_BuildValue("nn", count, unknown);
 done:
@@ -479,7 +472,7 @@ static PyObject *score_and_pick(PyObject *self, PyObject *const *args, Py_ssize_
         goto done;
     }
     int flags = 0, failed = 0;
-    RC_BEGIN_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS
     const float *B = base.view.buf, *ctxv = ctx.view.buf, *affv = aff.view.buf;
     float *b0 = scratch, *b1 = b0 + c, *score = b1 + c, *tmp = score + c;
     uint8_t *known = (uint8_t *)(tmp + c + 1);
@@ -550,7 +543,7 @@ static PyObject *score_and_pick(PyObject *self, PyObject *const *args, Py_ssize_
                 Tv[AFFECT * k + q] = affv[r] * strength;
         }
     }
-    RC_END_ALLOW_THREADS
+    Py_END_ALLOW_THREADS
     if (failed)
         PyErr_NoMemory();
     else

@@ -250,11 +250,6 @@ class Catalog:
         dense table."""
         return self._id_bits
 
-    @property
-    def dense_lut(self) -> np.ndarray | None:
-        """The dense id -> row table (int32, -1: not a title), None when the ids are too large for one."""
-        return self._lut
-
     def row_of(self, item_id: int) -> int | None:
         """Row of one id (dict lookup: the per-event path), None when unknown."""
         return self._row.get(int(item_id))

@@ -714,7 +714,7 @@ class Ranker:
 
     def _candidate_rows_native(self, native, d: _Derived, max_maturity: int, candidate_ids: np.ndarray  # noqa: ANN001
                                ) -> tuple[np.ndarray, list[int]]:
-        """`_candidate_rows` in one C call (native.py): map through the dense table, dedupe, gate, sort."""
+        """`_candidate_rows` in one C call (native.py): map through the rank bitmap, dedupe, gate, sort."""
         keep = self._keep(d, max_maturity)
         ids = np.asarray(candidate_ids, dtype=np.int64).ravel()
         out = np.empty(len(ids) + 1, dtype=np.int64)

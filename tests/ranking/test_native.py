@@ -53,13 +53,12 @@ def test_reduce_add_is_numpys_float32_sum() -> None:
 
 def test_candidate_rows_are_the_unique_known_kept_rows(catalog) -> None:
     rng = np.random.default_rng(3)
-    lut = catalog.dense_lut
     bits, base = catalog.id_bits
     for size in (1, 5, 300, 1000, 5000):
         keep = rng.random(len(catalog)) < 0.8
         ids = rng.choice(catalog.ids, size)   # with repeats
         ids[::7] = -ids[::7]                  # ids that are not titles: negative ...
-        ids[3::11] = len(lut) + ids[3::11]    # ... and beyond the table
+        ids[3::11] = 64 * len(bits) + ids[3::11]  # ... and beyond the bitmap
         ids[5::17] += 1                       # ... and between titles
         ids[:2] = [np.iinfo(np.int64).min, np.iinfo(np.int64).max][: len(ids)]
         out = np.empty(size + 1, np.int64)
