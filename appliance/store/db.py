@@ -121,6 +121,10 @@ class Store:
         self.writable = True       # the last write worked (False after disk full / I/O error until one does)
         self._failed_bytes = 0     # size of the last write that failed for lack of space (for probe_write)
         self._tx_bytes = 0         # size of the write in progress
+        # (events, oldest stored_ms) per profile, read from the table once and then kept by the writes that
+        # change it: Explain would otherwise sum a profile's batches on every call, O(its history) under
+        # the store's lock, and the soak showed Explain's p50 growing 1.5 -> 13 ms over 10 minutes.
+        self._stats: dict[str, tuple[int, int | None]] = {}
         self._check_integrity()
         self._migrate()
         self._next_seq = self._load_next_seq()
@@ -265,6 +269,11 @@ class Store:
                                "item_ids, client_time_ms, event_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?)", (str(seq),))
             self._next_seq = seq  # only once the commit is durable
+            stats = self._stats
+            for n, profile_id, *_ in blobs:
+                st = stats.get(profile_id)
+                if st is not None:  # a profile not read yet is read from the table when asked
+                    stats[profile_id] = (st[0] + n, now_ms if st[1] is None else min(st[1], now_ms))
         return lasts
 
     def append_events(self, profile_id: str, session_id: str,
@@ -297,6 +306,7 @@ class Store:
                     db.execute("DELETE FROM event_batches WHERE stored_ms < ?", (cutoff_ms,))
                 db.execute("DELETE FROM sessions WHERE ended_ms IS NOT NULL AND ended_ms < ?", (cutoff_ms,))
                 db.execute("DELETE FROM experiment_exposures WHERE last_ms < ?", (cutoff_ms,))
+            self._stats.clear()  # hourly: the profiles asked about next are read again
             return int(ev), touched
 
     def forget_profile(self, profile_id: str) -> tuple[int, int]:
@@ -313,6 +323,7 @@ class Store:
                 db.execute("DELETE FROM experiment_exposures WHERE profile_id=?", (profile_id,))
                 se = db.execute("DELETE FROM sessions WHERE profile_id=?", (profile_id,)).rowcount
                 db.execute("DELETE FROM profiles WHERE profile_id=?", (profile_id,))
+            self._stats.pop(profile_id, None)
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error:
@@ -445,10 +456,18 @@ class Store:
                 yield EventRow(b.first_seq + k, b.profile_id, b.session_id, t, i, c, v)
 
     def event_stats(self, profile_id: str) -> tuple[int, int | None]:
-        """(count, oldest stored_ms) of a profile's events."""
-        r = self._read("SELECT COALESCE(SUM(n), 0), MIN(stored_ms) FROM event_batches WHERE profile_id=?",
-                       (profile_id,))[0]
-        return int(r[0]), (int(r[1]) if r[1] is not None else None)
+        """(count, oldest stored_ms) of a profile's events: from the table on first use, then kept up to
+        date by `append_batches`, `purge_before` and `forget_profile` (the only writers of event_batches)."""
+        with self._lock:
+            st = self._stats.get(profile_id)
+            if st is None:
+                r = self._read("SELECT COALESCE(SUM(n), 0), MIN(stored_ms) FROM event_batches WHERE profile_id=?",
+                               (profile_id,))[0]
+                st = (int(r[0]), int(r[1]) if r[1] is not None else None)
+                if len(self._stats) >= 10_000:  # profiles are client-named: keep the memory bounded
+                    self._stats.clear()
+                self._stats[profile_id] = st
+            return st
 
     def last_seq(self) -> int:
         """Sequence number of the last durable event (0 before the first)."""

@@ -133,3 +133,49 @@ def test_group_commit_appends_many_batches_in_one_transaction(tmp_path):
     assert [(b.first_seq, b.session_id, len(b.types)) for b in s.iter_batches()] == \
         [(1, f"{0:032d}", 3), (4, f"{1:032d}", 1), (5, f"{2:032d}", 5)]
     assert s.event_stats("p") == (9, 10)
+
+
+def test_event_stats_stay_equal_to_the_table_through_appends_purges_forgets_and_failures(tmp_path):
+    """Explain's counts are kept in memory after the first read (no per-call scan of a profile's history);
+    whatever the writes, they must equal what the table says, and a failed write must not move them."""
+    import random
+
+    def table(store: Store, profile: str) -> tuple[int, int | None]:
+        n, oldest = store._db.execute("SELECT COALESCE(SUM(n), 0), MIN(stored_ms) FROM event_batches "
+                                      "WHERE profile_id=?", (profile,)).fetchone()
+        return int(n), oldest
+
+    import numpy as np
+
+    from appliance.store import EventBatch
+
+    rng = random.Random(7)
+    s = Store(tmp_path / "a.db")
+    # a group commit holding a batch of "doomed" fails in the database, after the other batches' inserts
+    s._db.execute("CREATE TRIGGER doomed BEFORE INSERT ON event_batches WHEN NEW.profile_id = 'doomed' "
+                  "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    profiles = ["p0", "p1", "p2"]
+    for i, p in enumerate(profiles):
+        s.start_session(f"{i:032d}", p, 1, 1)
+    now = 10
+    for step in range(300):
+        now += rng.randint(1, 5)
+        p = rng.choice(profiles)
+        op = rng.random()
+        if op < 0.75:
+            s.append_events(p, f"{profiles.index(p):032d}", [(1, 7, now, 0.0)] * rng.randint(1, 4), now)
+        elif op < 0.8:
+            s.purge_before(now - rng.randint(5, 60))
+        elif op < 0.83:
+            s.forget_profile(p)
+            s.start_session(f"{profiles.index(p):032d}", p, 1, now)
+        elif op < 0.9:  # a group commit that fails in the database changes nothing, stats included
+            one = np.ones(2, np.int64)
+            with pytest.raises(StoreError):
+                s.append_batches([EventBatch(p, f"{profiles.index(p):032d}", np.ones(2, np.uint8), one * 7, one * now,
+                                             np.zeros(2, np.float32)),
+                                  EventBatch("doomed", "d" * 32, np.ones(2, np.uint8), one * 7, one * now,
+                                             np.zeros(2, np.float32))], now)
+        q = rng.choice(profiles)
+        assert s.event_stats(q) == table(s, q), f"step {step}"
+    assert s.event_stats("nobody") == (0, None)
