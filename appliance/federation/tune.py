@@ -61,6 +61,7 @@ class Setting:
     federated_titles: int = 0          # > 0: only the panel's N most watched titles' biases are federated
     always_adapter: bool = False       # the query adapter's coordinates in every round's subset
     rank: int = 4
+    max_examples: int = 50             # each box's newest (prefix, next title) examples; the fleet is loaded with it
     local_epochs: int = 2
     batch: int = 64
     lr: float = 5.0
@@ -92,7 +93,8 @@ def replay(data, s: Setting, noise_seed: int, log: Callable[[str], None] = lambd
            bases: list[np.ndarray] | None = None, noise=None) -> tuple[np.ndarray, dict[str, Any]]:
     """The head a run of setting `s` publishes on fleet `data` (all its boxes, every round), with the
     noise and the stochastic rounding drawn from `noise_seed` (`noise`: another source of the Gaussian
-    noise, tests); and what the run spent."""
+    noise, tests); and what the run spent. `data` holds the boxes' examples already (`s.max_examples` is
+    the caller's to load the fleet with; `fleets` in `main`)."""
     from appliance.federation.flower_app import part_lrs, soft_threshold
     from appliance.federation.server_opt import ServerOptimizer
 
@@ -253,16 +255,25 @@ def main(argv: list[str] | None = None) -> None:
 
     configs = json.loads(a.configs.read_text())
     start_dir = a.start_bundle or panel_bundle(a.interactions, a.bundle, log=log)[0]
-    data = load_fleet(a.interactions, start_dir, a.nodes, 50, log, holdout=1 if a.final else 2)
+    base_setting = Setting()
+    fleets: dict[int, tuple[Any, list[np.ndarray]]] = {}
+
+    def fleet(max_examples: int) -> tuple[Any, list[np.ndarray]]:
+        """the fleet with each box's newest `max_examples` examples, and its boxes' base scores (cached);
+        the held-out titles and the queries they are scored with do not depend on it"""
+        if max_examples not in fleets:
+            d = load_fleet(a.interactions, start_dir, a.nodes, max_examples, log, holdout=1 if a.final else 2)
+            items32 = d.items.astype(np.float32)
+            fleets[max_examples] = d, [q.astype(np.float32) @ items32.T for q, _ in d.boxes]
+        return fleets[max_examples]
+
+    data, bases = fleet(base_setting.max_examples)
     n = len(data.boxes)
     split = split_panel(len(read_users(a.interactions)), 0.2, 0)
     val_users = split.fleet[split.fleet < n]
-    items32 = data.items.astype(np.float32)
-    bases = [q.astype(np.float32) @ items32.T for q, _ in data.boxes]
-    base_setting = Setting()
     n_feat = data.features.shape[1]
     if a.final:
-        _final(a, configs, data, split.fleet[split.fleet < n], split.panel[split.panel < n], bases, log)
+        _final(a, configs, fleet, split.fleet[split.fleet < n], split.panel[split.panel < n], log)
         return
     refs = references(data, base_setting)
     ref_full = {name: val_metrics(HeadShape(data.items.shape[0], data.items.shape[1], 4, n_feat), th, data, val_users)
@@ -271,16 +282,18 @@ def main(argv: list[str] | None = None) -> None:
     log(f"references: {ref_full}")
     log(f"fleet validation ({len(val_users)} users' second-to-last titles): {ref_scores}")
     shape0 = HeadShape(data.items.shape[0], data.items.shape[1], base_setting.rank, n_feat)
-    variant_refs: dict[int, dict[str, float]] = {0: ref_full["centralized"]}
+    variant_refs: dict[tuple[int, int], dict[str, float]] = {(0, base_setting.max_examples): ref_full["centralized"]}
 
     def central_of(s: Setting) -> dict[str, float]:
-        """centralized fine-tune of the same parameterisation as `s` (federated_titles), on validation"""
+        """centralized fine-tune of the same parameterisation as `s` (federated_titles) on the same examples
+        (max_examples, as `simulate`'s centralized uses the run's fleet), on validation"""
         n_t = s.federated_titles if 0 < s.federated_titles < data.items.shape[0] else 0
-        if n_t not in variant_refs:
-            variant_refs[n_t] = val_metrics(shape0, references(data, replace(base_setting, federated_titles=n_t))
-                                            ["centralized"], data, val_users)
-            log(f"centralized with {n_t} federated title biases: {variant_refs[n_t]}")
-        return variant_refs[n_t]
+        key = (n_t, s.max_examples)
+        if key not in variant_refs:
+            variant_refs[key] = val_metrics(shape0, references(fleet(s.max_examples)[0], replace(
+                base_setting, federated_titles=n_t, max_examples=s.max_examples))["centralized"], data, val_users)
+            log(f"centralized with {n_t} federated title biases, max_examples {s.max_examples}: {variant_refs[key]}")
+        return variant_refs[key]
 
     for cfg in configs:
         cfg = dict(cfg)
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         s = replace(base_setting, **cfg)
         shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
         if central_epochs:  # a centralized variant (no DP): which parts of the head carry the gain
-            head = references(data, s, central_epochs)["centralized"]
+            head = references(fleet(s.max_examples)[0], s, central_epochs)["centralized"]
             vm = val_metrics(shape, head, data, val_users)
             nd = vm["NDCG@10"]
             row = {"name": name, "central_epochs": central_epochs, "fleet_val.NDCG@10": nd, "fleet_val": vm,
@@ -301,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for draw in range(a.first_draw, a.first_draw + a.draws):
             t0 = time.monotonic()
-            head, info = replay(data, s, noise_seed=draw, bases=bases)
+            fd, fb = fleet(s.max_examples)
+            head, info = replay(fd, s, noise_seed=draw, bases=fb)
             vm = val_metrics(shape, head, data, val_users)
             nd = vm["NDCG@10"]
             cen = central_of(s)
@@ -319,27 +333,34 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def _final(a, configs, data, test_users, panel_users, bases, log) -> None:
+def _final(a, configs, fleet, test_users, panel_users, log) -> None:
     """The chosen setting's replay draws scored as `simulate` scores a run (test titles of the fleet users,
-    validation titles of the panel users). Only for a setting already chosen on validation."""
+    validation titles of the panel users). Only for a setting already chosen on validation. `fleet`:
+    max_examples -> (fleet, its boxes' base scores); the references are fitted on the setting's fleet,
+    as `simulate` fits them on the run's."""
     from appliance.federation.simulate import metrics10
 
-    n_feat = data.features.shape[1]
     base = Setting()
+    data = fleet(base.max_examples)[0]
+    n_feat = data.features.shape[1]
     shape0 = HeadShape(data.items.shape[0], data.items.shape[1], base.rank, n_feat)
-    refs = references(data, base)
-    ref = {name: {"test.NDCG@10": metrics10(shape0, th, data, test_users)["NDCG@10"],
-                  "validation_panel_users.NDCG@10": metrics10(shape0, th, data, panel_users)["NDCG@10"]}
-           for name, th in refs.items()}
-    log(f"references: {ref}")
+    refs_of: dict[int, dict[str, dict[str, float]]] = {}
     for cfg in configs:
         cfg = dict(cfg)
         name = cfg.pop("name")
         s = replace(base, **cfg)
+        fd, fb = fleet(s.max_examples)
+        if s.max_examples not in refs_of:
+            refs_of[s.max_examples] = {
+                name_: {"test.NDCG@10": metrics10(shape0, th, fd, test_users)["NDCG@10"],
+                        "validation_panel_users.NDCG@10": metrics10(shape0, th, fd, panel_users)["NDCG@10"]}
+                for name_, th in references(fd, replace(base, max_examples=s.max_examples)).items()}
+            log(f"references (max_examples {s.max_examples}): {refs_of[s.max_examples]}")
+        ref = refs_of[s.max_examples]
         shape = HeadShape(data.items.shape[0], data.items.shape[1], s.rank, n_feat)
         for draw in range(a.first_draw, a.first_draw + a.draws):
             t0 = time.monotonic()
-            head, info = replay(data, s, noise_seed=draw, bases=bases)
+            head, info = replay(fd, s, noise_seed=draw, bases=fb)
             m = metrics10(shape, head, data, test_users)
             row = {"name": name, "draw": draw, "replay": True, "test.NDCG@10": m["NDCG@10"], "test.HR@10": m["HR@10"],
                    "over_centralized": round(m["NDCG@10"] / ref["centralized"]["test.NDCG@10"], 4)

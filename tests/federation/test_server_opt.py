@@ -163,3 +163,16 @@ def test_always_in_coordinates_are_public_and_every_round():
     for r in range(1, 6):
         idx = round_subset(shape.n_params, 30, r, run_seed=7, always=shape.n_feat, fixed=fixed)
         assert len(idx) == 30 and np.isin(fixed, idx).all() and np.isin(np.arange(66, 69), idx).all()
+
+
+def test_tune_defaults_are_simulates():
+    """tune.Setting's knobs default to `simulate`'s (max_examples included: tune loads the fleet with it)."""
+    import inspect
+
+    from appliance.federation.simulate import simulate
+    from appliance.federation.tune import Setting
+
+    params = inspect.signature(simulate).parameters
+    for name in ("rounds", "clip", "compression", "pack", "always_popular", "federated_titles", "rank",
+                 "max_examples", "local_epochs", "lr_adapter", "lr_features"):
+        assert getattr(Setting(), name) == params[name].default, name
