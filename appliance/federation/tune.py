@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             fleets[max_examples] = d, [q.astype(np.float32) @ items32.T for q, _ in d.boxes]
         return fleets[max_examples]
 
-    data, bases = fleet(base_setting.max_examples)
+    data = fleet(base_setting.max_examples)[0]
     n = len(data.boxes)
     split = split_panel(len(read_users(a.interactions)), 0.2, 0)
     val_users = split.fleet[split.fleet < n]

@@ -140,14 +140,14 @@ def test_event_stats_stay_equal_to_the_table_through_appends_purges_forgets_and_
     whatever the writes, they must equal what the table says, and a failed write must not move them."""
     import random
 
+    import numpy as np
+
+    from appliance.store import EventBatch
+
     def table(store: Store, profile: str) -> tuple[int, int | None]:
         n, oldest = store._db.execute("SELECT COALESCE(SUM(n), 0), MIN(stored_ms) FROM event_batches "
                                       "WHERE profile_id=?", (profile,)).fetchone()
         return int(n), oldest
-
-    import numpy as np
-
-    from appliance.store import EventBatch
 
     rng = random.Random(7)
     s = Store(tmp_path / "a.db")
