@@ -50,9 +50,11 @@ class RankerWorker:
     benchmarks: `with RankerWorker("rank") as w:` starts it and waits until it answers; `w.sock`,
     `w.server` (psutil process), `w.ids` (catalog ids), `w.cfg`, `w.db_path`. `stop()` may be called
     inside the block (to read the database after a clean shutdown); the directory goes on exit, and
-    `log_tail` keeps the end of the server's stderr."""
+    `log_tail` keeps the end of the server's stderr. `catalog_titles`: start with a catalog of that many
+    titles (see `pad_catalog`) instead of the bundle's own."""
 
-    def __init__(self, name: str, serving: dict[str, Any] | None = None, stop_timeout_s: float = 15.0) -> None:
+    def __init__(self, name: str, serving: dict[str, Any] | None = None, stop_timeout_s: float = 15.0,
+                 catalog_titles: int | None = None) -> None:
         import tempfile
 
         from appliance.config import default_config
@@ -63,6 +65,7 @@ class RankerWorker:
         self.sock = self.cfg.path(self.cfg.serving.unix_socket)
         self.db_path = self.cfg.path(self.cfg.store.db_path)
         self.stop_timeout_s = stop_timeout_s
+        self.catalog_titles = catalog_titles
         self.log_tail = ""
         self._proc = None
         self._log = None
@@ -76,6 +79,8 @@ class RankerWorker:
 
         cfg_path = self.tmp / "config.json"
         cfg_path.write_text(self.cfg.model_dump_json())
+        if self.catalog_titles:
+            pad_catalog(self.cfg, self.catalog_titles)
         self._log = open(self.tmp / "ranker.log", "wb")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "worker", "ranker", "--config-json", str(cfg_path)],
@@ -119,3 +124,29 @@ class RankerWorker:
 
         self.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def pad_catalog(cfg: Any, titles: int, seed: int = 0) -> int:
+    """Put a catalog of `titles` titles in the store the ranker will open: the bundle's own, plus new
+    titles the bundle never saw (a service's catalog grows faster than its model), each with the genres,
+    year and maturity of a random existing title. Such titles are ranked from their content embedding, as
+    on a real box. Returns how many were added."""
+    from appliance.ranking.bundle import RankerBundle
+    from appliance.store import Store
+
+    rows = RankerBundle.load(cfg.path(cfg.ranking.bundle_dir)).catalog_rows
+    extra = titles - len(rows)
+    if extra < 0:
+        raise ValueError(f"the bundle's catalog already has {len(rows)} titles (> {titles})")
+    rng = np.random.default_rng(seed)
+    top = max(r.item_id for r in rows)
+    like = [rows[i] for i in rng.integers(0, len(rows), extra)]
+    store = Store(cfg.path(cfg.store.db_path))
+    try:
+        store.import_catalog([(r.item_id, r.title, "|".join(r.genres), r.year, r.maturity) for r in rows]
+                             + [(top + 1 + i, f"Bench title {i + 1}", "|".join(r.genres), r.year, r.maturity)
+                                for i, r in enumerate(like)])
+        assert store.catalog_count() == titles
+    finally:
+        store.close()
+    return extra

@@ -201,6 +201,8 @@ def _seed(client: Any, ids: np.ndarray, rng: np.random.Generator) -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench rank", description=__doc__.split("\n")[0])
+    ap.add_argument("--catalog", type=int, default=10_000,
+                    help="catalog titles: the bundle's 9,742 plus new titles it never saw (0: the bundle's only)")
     ap.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/rank-cpu.json)")
     ap.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     ap.add_argument("--calls", type=int, default=3000, help="(Ping, Rank) pairs for the one-client level")
@@ -217,7 +219,7 @@ def main(argv: list[str]) -> int:
     serving: dict[str, Any] = {}
     if args.server:
         serving["server"] = args.server
-    with RankerWorker("rank", serving, stop_timeout_s=10) as w:
+    with RankerWorker("rank", serving, stop_timeout_s=10, catalog_titles=args.catalog) as w:
         cfg, sock, server, ids = w.cfg, w.sock, w.server, w.ids
         client = ApplianceClient(f"unix:{sock}")
         session = _seed(client, ids, np.random.default_rng(7))

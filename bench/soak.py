@@ -108,12 +108,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=5.0, help="operations per second per client")
     ap.add_argument("--procs", type=int, default=4, help="client processes (clients are spread over them)")
+    ap.add_argument("--catalog", type=int, default=10_000,
+                    help="catalog titles: the bundle's 9,742 plus new titles it never saw (0: the bundle's only)")
     ap.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/soak-cpu.json)")
     args = ap.parse_args(argv)
 
     seconds = args.minutes * 60
     rss: list[tuple[float, float]] = []
-    with RankerWorker("soak") as w:
+    with RankerWorker("soak", catalog_titles=args.catalog) as w:
         sock, server, ids = w.sock, w.server, w.ids
         ctx = mp.get_context("spawn")
         start, out = ctx.Event(), ctx.Queue()

@@ -149,6 +149,9 @@ class RankingConfig(StrictModel):
     affect_weight: float = Field(0.15, ge=0, le=1)
     diversity: float = Field(0.2, ge=0, le=1, description="MMR trade-off: 0 = pure relevance")
     default_max_maturity: Literal["all", "7", "13", "16", "adult"] = "adult"
+    sequence_runtime: Literal["numpy", "onnxruntime"] = Field(
+        "numpy", description="the sequence encoder's runtime: numpy (the ONNX file's weights; ~40 MB less "
+        "ranker memory) or onnxruntime (the same file, the reference)")
 
 
 class GovernorConfig(StrictModel):

@@ -97,7 +97,9 @@ class RankerBundle:
         return content_features(catalog.genres, catalog.year) @ self.content_weights
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> RankerBundle:
+    def load(cls, directory: str | os.PathLike[str], sequence_runtime: str = "numpy") -> RankerBundle:
+        """Verify and load a bundle; the sequence encoder runs on `sequence_runtime` ("numpy", the box's
+        default, or "onnxruntime": see appliance.ranking.sequence)."""
         d = Path(directory)
         mpath = d / MANIFEST
         try:
@@ -160,12 +162,13 @@ class RankerBundle:
             try:
                 table = np.load(d / "sequence_items.npy", allow_pickle=False).astype(np.float32)
                 max_len = int(seq_meta["params"]["max_len"])
+                heads = int(seq_meta["params"].get("heads", 1))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ModelError(f"ranker bundle {d}: sequence model unreadable: {exc}") from None
             if table.ndim != 2 or table.shape[0] != n or not np.isfinite(table).all():
                 raise ModelError(f"ranker bundle {d}: sequence_items.npy shape {table.shape} != ({n}, d) "
                                  "or holds NaN/inf")
-            sequence = SequenceModel(d / "sequence.onnx", table, max_len)
+            sequence = SequenceModel(d / "sequence.onnx", table, max_len, heads, sequence_runtime)
         transition = None
         if trans_meta:
             try:

@@ -369,7 +369,7 @@ class Ranker:
     @classmethod
     def from_config(cls, cfg: RankingConfig, bundle_dir: str | os.PathLike[str]) -> Ranker:
         """Load and verify the bundle at `bundle_dir` (already expanded) and rank over its catalog."""
-        bundle = RankerBundle.load(bundle_dir)
+        bundle = RankerBundle.load(bundle_dir, cfg.sequence_runtime)
         return cls(bundle, bundle.catalog(), affect_weight=cfg.affect_weight, diversity=cfg.diversity,
                    affect_stale_s=cfg.affect_stale_s)
 

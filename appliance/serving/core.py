@@ -75,7 +75,7 @@ class ApplianceCore:
         self.cfg = cfg
         self.store = store
         self._lock = threading.RLock()
-        self.bundle = RankerBundle.load(cfg.path(cfg.ranking.bundle_dir))
+        self.bundle = RankerBundle.load(cfg.path(cfg.ranking.bundle_dir), cfg.ranking.sequence_runtime)
         if store.catalog_count() == 0:
             store.import_catalog(_row_tuple(r) for r in self.bundle.catalog_rows)
         self.catalog = Catalog.from_rows([_catalog_row(r) for r in store.catalog_rows()])
