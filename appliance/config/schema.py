@@ -150,8 +150,8 @@ class RankingConfig(StrictModel):
     diversity: float = Field(0.2, ge=0, le=1, description="MMR trade-off: 0 = pure relevance")
     default_max_maturity: Literal["all", "7", "13", "16", "adult"] = "adult"
     sequence_runtime: Literal["numpy", "onnxruntime"] = Field(
-        "numpy", description="the sequence encoder's runtime: numpy (the ONNX file's weights; ~40 MB less "
-        "ranker memory) or onnxruntime (the same file, the reference)")
+        "onnxruntime", description="the sequence encoder's runtime: onnxruntime, or numpy (the ONNX file's "
+        "weights; ~40 MB less ranker memory, but not yet the default: a soak with it had p99 spikes)")
 
 
 class GovernorConfig(StrictModel):

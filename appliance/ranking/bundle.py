@@ -97,9 +97,9 @@ class RankerBundle:
         return content_features(catalog.genres, catalog.year) @ self.content_weights
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], sequence_runtime: str = "numpy") -> RankerBundle:
-        """Verify and load a bundle; the sequence encoder runs on `sequence_runtime` ("numpy", the box's
-        default, or "onnxruntime": see appliance.ranking.sequence)."""
+    def load(cls, directory: str | os.PathLike[str], sequence_runtime: str = "onnxruntime") -> RankerBundle:
+        """Verify and load a bundle; the sequence encoder runs on `sequence_runtime` ("onnxruntime", the
+        default, or "numpy": see appliance.ranking.sequence)."""
         d = Path(directory)
         mpath = d / MANIFEST
         try:

@@ -7,10 +7,9 @@ gather + mat-vec. Titles the model never saw in training have a zero row and get
 (`known` is False; the ranker gives them a neutral sequence term).
 
 The encoder runs once per distinct history: the result is cached (LRU keyed by the history's bytes), so
-ranking again after no new event costs no inference, and a new event costs one forward pass. The box runs
-it in numpy with the ONNX file's weights (`sequence_numpy`: ONNX Runtime would cost the ranker ~40 MB of
-its memory budget); `runtime="onnxruntime"` runs the same file on ONNX Runtime, the reference the tests
-compare against.
+ranking again after no new event costs no inference, and a new event costs one forward pass. It runs on
+ONNX Runtime (the default and the tests' reference) or, `runtime="numpy"`, in numpy with the ONNX file's
+weights (`sequence_numpy`: ~40 MB less ranker memory).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ RUNTIMES = ("numpy", "onnxruntime")
 
 class SequenceModel:
     def __init__(self, onnx_path: Path, item_table: np.ndarray, max_len: int, heads: int = 1,
-                 runtime: str = "numpy", threads: int = 1) -> None:
+                 runtime: str = "onnxruntime", threads: int = 1) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"sequence runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.runtime = runtime

@@ -92,17 +92,18 @@ def test_a_graph_without_a_layer_is_refused(tmp_path) -> None:
 def test_the_runtime_is_a_validated_choice(bundle) -> None:
     with pytest.raises(ValueError, match="sequence runtime"):
         SequenceModel(ONNX, bundle.sequence.table, 50, 1, "tensorflow")
-    assert RankerBundle.load(BUNDLE_DIR, "onnxruntime").sequence.session is not None
+    assert RankerBundle.load(BUNDLE_DIR, "numpy").sequence.session is None
 
 
 def test_the_ranker_process_does_not_load_onnx_runtime(tmp_path) -> None:
-    """The memory budget depends on it: the ranker's whole start path leaves onnxruntime unimported."""
+    """With the numpy encoder the ranker's whole start path leaves onnxruntime unimported (its ~40 MB)."""
     code = (
         "import sys\n"
         "from appliance.config import default_config\n"
         "from appliance.serving.process import RankerProcess\n"
         f"cfg = default_config().with_overrides(run_dir={str(tmp_path / 'run')!r}, "
-        f"data_dir={str(tmp_path / 'data')!r}, metrics={{'ranker_port': 0}})\n"
+        f"data_dir={str(tmp_path / 'data')!r}, metrics={{'ranker_port': 0}}, "
+        "ranking={'sequence_runtime': 'numpy'})\n"
         "p = RankerProcess(cfg)\n"
         "try:\n"
         "    print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnxruntime'))\n"

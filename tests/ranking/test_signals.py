@@ -36,11 +36,11 @@ def _reason_signals(res) -> set[str]:
     return {r.signal for it in res.items for r in it.reasons}
 
 
-def test_the_committed_bundle_runs_its_sequence_model_in_numpy_by_default(bundle) -> None:
+def test_the_committed_bundle_runs_its_sequence_model_on_onnx_runtime_by_default(bundle) -> None:
     assert bundle.sequence is not None and bundle.transition is not None
     seq = bundle.manifest["sequence"]
     assert seq["parity"]["max_abs_diff"] <= seq["parity"]["atol"] <= 1e-4
-    assert bundle.sequence.runtime == "numpy" and bundle.sequence.session is None
+    assert bundle.sequence.session.get_providers() == ["CPUExecutionProvider"]
 
 
 @pytest.mark.parametrize("signal", [s for s in SIGNALS])
