@@ -31,7 +31,7 @@ from appliance.errors import ModelError
 _F = descriptor_pb2.FieldDescriptorProto
 
 
-def _onnx_subset() -> dict[str, type]:
+def _onnx_subset() -> type:
     """ModelProto > GraphProto > NodeProto / TensorProto / AttributeProto, only the fields read here
     (field numbers from onnx/onnx.proto)."""
     f = descriptor_pb2.FileDescriptorProto(name="appliance/internal/onnx_subset.proto",
@@ -57,8 +57,10 @@ def _onnx_subset() -> dict[str, type]:
     msg("Model", [("graph", 7, _F.TYPE_MESSAGE, opt, "Graph")])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
-    return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"appliance.internal.onnx.{n}"))
-            for n in ("Model",)}
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("appliance.internal.onnx.Model"))
+
+
+_Model = _onnx_subset()  # built once, at import
 
 
 _FLOAT = 1  # TensorProto.DataType.FLOAT
@@ -91,7 +93,7 @@ class NumpySasrec:
 
     def __init__(self, onnx_path: Path, max_len: int, heads: int) -> None:
         try:
-            model = _onnx_subset()["Model"].FromString(Path(onnx_path).read_bytes())
+            model = _Model.FromString(Path(onnx_path).read_bytes())
         except OSError as exc:
             raise ModelError(f"{onnx_path}: cannot read the sequence model: {exc.strerror or exc}") from None
         except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file

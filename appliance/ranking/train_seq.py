@@ -317,11 +317,10 @@ def model_card(version: str, manifest: dict, weights: dict, ev: dict, fitted_on:
     sp = seq.get("params", {})
     lines = [
         f"# Ranking bundle `{version}`", "",
-        "What the box ranks with: a SASRec-style sequence model (ONNX; the box runs its weights in numpy, ONNX "
-        "Runtime is the reference it is tested against) over the household's recent titles, a first-order "
-        "\"watched next\" chain, a PureSVD collaborative embedding, content (genre/year) embeddings for titles "
-        "without interactions, popularity, a small context prior and, with consent, the room's mood. Scoring, "
-        "gates, MMR and reasons: `appliance/ranking/ranker.py`.", "",
+        "What the box ranks with: a SASRec-style sequence model (ONNX, run by ONNX Runtime) over the household's "
+        "recent titles, a first-order \"watched next\" chain, a PureSVD collaborative embedding, content "
+        "(genre/year) embeddings for titles without interactions, popularity, a small context prior and, with "
+        "consent, the room's mood. Scoring, gates, MMR and reasons: `appliance/ranking/ranker.py`.", "",
         "## Sequence model", "",
         f"- d = {sp.get('d')}, {sp.get('blocks')} blocks, {sp.get('heads')} head(s), max_len = {sp.get('max_len')}, "
         f"dropout {sp.get('dropout')}, tied item embeddings, full-softmax cross-entropy over the catalog; Adam lr "
