@@ -16,7 +16,7 @@ ENV EXTRAS="[gpu]" \
 
 # hadolint ignore=DL3006
 FROM base-${FLAVOR} AS build
-# A C compiler for the Rank path's loops (setup.py); only this stage has it.
+# A C compiler for the Rank path's loops and the sequence encoder (setup.py); only this stage has it.
 # hadolint ignore=DL3008,SC2086
 RUN apt-get update && apt-get install -y --no-install-recommends ${BUILD_PKGS} \
     && rm -rf /var/lib/apt/lists/*
@@ -32,7 +32,7 @@ RUN python3 -m venv /opt/appliance/venv \
     && /opt/appliance/venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
          proto/appliance/v1/*.proto \
     && /opt/appliance/venv/bin/pip uninstall -y grpcio-tools \
-    && /opt/appliance/venv/bin/python -c "import appliance.ranking._rankcore" \
+    && /opt/appliance/venv/bin/python -c "import appliance.ranking._rankcore, appliance.ranking._seqcore" \
     && /opt/appliance/venv/bin/appliance models verify
 
 # hadolint ignore=DL3006

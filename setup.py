@@ -1,5 +1,6 @@
 """Only the C part of the build (metadata lives in pyproject.toml): the Rank path's loops,
-appliance/ranking/_rankcore.c. Optional: without a compiler the package installs and ranks with numpy."""
+appliance/ranking/_rankcore.c, and the sequence encoder's query, appliance/ranking/_seqcore.c. Both are
+optional: without a compiler the package installs and ranks with numpy."""
 
 from setuptools import Extension, setup
 
@@ -11,6 +12,12 @@ setup(
             # No fused multiply-add (aarch64 contracts by default): the roundings stay numpy's.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11"],
             optional=True,
-        )
+        ),
+        Extension(
+            "appliance.ranking._seqcore",
+            ["appliance/ranking/_seqcore.c"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=fast", "-std=c11"],
+            optional=True,
+        ),
     ]
 )

@@ -51,17 +51,19 @@ class RankerWorker:
     `w.server` (psutil process), `w.ids` (catalog ids), `w.cfg`, `w.db_path`. `stop()` may be called
     inside the block (to read the database after a clean shutdown); the directory goes on exit, and
     `log_tail` keeps the end of the server's stderr. `catalog_titles`: start with a catalog of that many
-    titles (see `pad_catalog`) instead of the bundle's own."""
+    titles (see `pad_catalog`) instead of the bundle's own; `ranking`: overrides of the ranking config (e.g.
+    the sequence encoder's runtime, for A/B runs)."""
 
     def __init__(self, name: str, serving: dict[str, Any] | None = None, stop_timeout_s: float = 15.0,
-                 catalog_titles: int | None = None) -> None:
+                 catalog_titles: int | None = None, ranking: dict[str, Any] | None = None) -> None:
         import tempfile
 
         from appliance.config import default_config
 
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir="/tmp"))
         self.cfg = default_config().with_overrides(run_dir=str(self.tmp / "run"), data_dir=str(self.tmp / "data"),
-                                                   metrics={"ranker_port": 0}, serving=serving or {})
+                                                   metrics={"ranker_port": 0}, serving=serving or {},
+                                                   ranking=ranking or {})
         self.sock = self.cfg.path(self.cfg.serving.unix_socket)
         self.db_path = self.cfg.path(self.cfg.store.db_path)
         self.stop_timeout_s = stop_timeout_s

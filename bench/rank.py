@@ -212,6 +212,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--patterns", default="fresh,repeat", help="fresh (new candidates every call), repeat")
     ap.add_argument("--server", choices=["sync", "aio"], default=None, help="override serving.server")
+    ap.add_argument("--sequence-runtime", default=None,
+                    help="the ranker's sequence encoder runtime (ranking.sequence_runtime; default: the config's)")
     args = ap.parse_args(argv)
 
     from appliance.client import ApplianceClient
@@ -219,7 +221,8 @@ def main(argv: list[str]) -> int:
     serving: dict[str, Any] = {}
     if args.server:
         serving["server"] = args.server
-    with RankerWorker("rank", serving, stop_timeout_s=10, catalog_titles=args.catalog) as w:
+    ranking = {"sequence_runtime": args.sequence_runtime} if args.sequence_runtime else None
+    with RankerWorker("rank", serving, stop_timeout_s=10, catalog_titles=args.catalog, ranking=ranking) as w:
         cfg, sock, server, ids = w.cfg, w.sock, w.server, w.ids
         client = ApplianceClient(f"unix:{sock}")
         session = _seed(client, ids, np.random.default_rng(7))
@@ -242,7 +245,7 @@ def main(argv: list[str]) -> int:
         "benchmark": "rank", "machine": machine(),
         "config": {"candidates": args.candidates, "k": args.k, "catalog_titles": int(len(ids)),
                    "server": cfg.serving.server if hasattr(cfg.serving, "server") else "sync",
-                   "workers": cfg.serving.workers, "blas_threads": getattr(cfg.serving, "blas_threads", None),
+                   "sequence_runtime": cfg.ranking.sequence_runtime, "workers": cfg.serving.workers, "blas_threads": getattr(cfg.serving, "blas_threads", None),
                    "clients_are": "processes (one gRPC channel each)", "transport": "unix socket",
                    "floor_call": "appliance.v1.Status/Ping (empty request and response, same server)",
                    "headline": "fresh candidates, one client"},

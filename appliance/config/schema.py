@@ -150,8 +150,9 @@ class RankingConfig(StrictModel):
     diversity: float = Field(0.2, ge=0, le=1, description="MMR trade-off: 0 = pure relevance")
     default_max_maturity: Literal["all", "7", "13", "16", "adult"] = "adult"
     sequence_runtime: Literal["numpy", "onnxruntime"] = Field(
-        "onnxruntime", description="the sequence encoder's runtime: onnxruntime, or numpy (the ONNX file's "
-        "weights; ~40 MB less ranker memory, but not yet the default: a soak with it had p99 spikes)")
+        "numpy", description="the sequence encoder's runtime: numpy (the ONNX file's weights in our own pass, "
+        "one history's query as one C call where the build compiled _seqcore.c; ~40 MB less ranker memory "
+        "than ONNX Runtime) or onnxruntime (the reference)")
 
 
 class GovernorConfig(StrictModel):

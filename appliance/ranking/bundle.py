@@ -99,7 +99,8 @@ class RankerBundle:
     @classmethod
     def load(cls, directory: str | os.PathLike[str], sequence_runtime: str = "onnxruntime") -> RankerBundle:
         """Verify and load a bundle; the sequence encoder runs on `sequence_runtime` ("onnxruntime", the
-        default, or "numpy": see appliance.ranking.sequence)."""
+        reference, which the offline tools (evaluation, federation) use, or "numpy", which the box's ranker
+        uses by default (its config's `ranking.sequence_runtime`): see appliance.ranking.sequence)."""
         d = Path(directory)
         mpath = d / MANIFEST
         try:

@@ -7,9 +7,11 @@ gather + mat-vec. Titles the model never saw in training have a zero row and get
 (`known` is False; the ranker gives them a neutral sequence term).
 
 The encoder runs once per distinct history: the result is cached (LRU keyed by the history's bytes), so
-ranking again after no new event costs no inference, and a new event costs one forward pass. It runs on
-ONNX Runtime (the default and the tests' reference) or, `runtime="numpy"`, in numpy with the ONNX file's
-weights (`sequence_numpy`: ~40 MB less ranker memory).
+ranking again after no new event costs no inference, and a new event costs one forward pass. The box's
+ranker runs the ONNX file's weights in our own pass (`runtime="numpy"`, its config's default:
+`sequence_numpy`, one C call per history where built, numpy otherwise), which saves it ~40 MB of ONNX
+Runtime; `runtime="onnxruntime"` runs the graph on ONNX Runtime: the reference, which the tests and the
+offline tools (evaluation, federation) use.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ have exactly the expected layers with the expected shapes is a ModelError, never
 Only what the query needs is computed: the real (non-padding) positions, because a real position never
 attends to padding and padding is zeroed after every block (see `SASRec.encode`), and in the last block
 only the newest position's feed-forward.
+
+One history's query (`query`, what the ranker calls on every event batch) runs as one C call when the build
+compiled `_seqcore.c` (the same pass, with the GIL released: as ~60 numpy calls it held the GIL long enough
+to queue the gRPC threads under load); batches (`batch`: evaluation, tests) and boxes without the module run
+the numpy pass below.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from appliance.errors import ModelError
+from appliance.ranking.native import load as load_native
 
 _F = descriptor_pb2.FieldDescriptorProto
 
@@ -89,9 +95,10 @@ class _Block:
 
 
 class NumpySasrec:
-    """`seqmodel.SASRec.forward` for one history at a time (`query`) or a left-padded batch (`batch`)."""
+    """`seqmodel.SASRec.forward` for one history at a time (`query`) or a left-padded batch (`batch`).
+    `native=False`: `query` runs the numpy pass even where the C one is built (tests compare the two)."""
 
-    def __init__(self, onnx_path: Path, max_len: int, heads: int) -> None:
+    def __init__(self, onnx_path: Path, max_len: int, heads: int, native: bool = True) -> None:
         try:
             model = _Model.FromString(Path(onnx_path).read_bytes())
         except OSError as exc:
@@ -155,6 +162,16 @@ class NumpySasrec:
         self._att_scale = np.float32(1.0 / math.sqrt(d // heads))
         self._inv_d = np.float32(1.0 / d)
         self._eps = np.float32(self.eps)
+        self._core = load_native("_seqcore") if native else None
+        if self._core is not None:  # every block's parameters in one array, in _seqcore.c's order
+            self._packed = np.concatenate([np.concatenate([a.ravel() for pair in (
+                blk.ln1, blk.qkv, blk.proj, blk.ln2, blk.ff0, blk.ff3) for a in pair]) for blk in self.blocks])
+            self._final_ln = np.concatenate(self.ln)
+
+    @property
+    def native(self) -> bool:
+        """Whether `query` runs the C pass."""
+        return self._core is not None
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _layer_norm(self, x: np.ndarray, wb: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -207,6 +224,11 @@ class NumpySasrec:
 
     def query(self, rows: np.ndarray) -> np.ndarray:
         """The query [d] after a history of catalog rows (oldest first, at most max_len, all known)."""
+        if self._core is not None:
+            idx = np.asarray(rows, dtype=np.int64) + 1 if len(rows) else np.zeros(1, dtype=np.int64)
+            out = np.empty(self.d, dtype=np.float32)
+            self._core.query(self.item, self.pos, self._packed, self._final_ln, idx, out, self.heads, self.eps)
+            return out
         if len(rows) == 0:  # everything padding: the final LayerNorm of zeros is its bias
             return self._forward(np.zeros((1, 1), dtype=np.int64))[0]
         return self._forward((np.asarray(rows, dtype=np.int64) + 1)[None, :])[0]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,67 @@ def test_the_ranker_process_does_not_load_onnx_runtime(tmp_path) -> None:
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- the C query (_seqcore.c) ------------------------------------------------------------------------------
+
+def _seqcore():
+    try:
+        from appliance.ranking import _seqcore
+    except ImportError:  # only acceptable where the build could not compile it
+        if shutil.which("cc") and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+            raise
+        pytest.skip("no C compiler here: the encoder's query runs as numpy")
+    return _seqcore
+
+
+def test_the_c_query_matches_the_numpy_pass_and_onnx_runtime(pair, bundle) -> None:
+    _seqcore()
+    ours, ref = pair
+    c = NumpySasrec(ONNX, ours.max_len, 1)
+    plain = NumpySasrec(ONNX, ours.max_len, 1, native=False)
+    if not c.native:
+        pytest.skip("APPLIANCE_RANK_NATIVE=0: the C path is off")
+    assert not plain.native
+    atol = bundle.manifest["sequence"]["parity"]["atol"]
+    for seed in (5, 6):
+        for h in _histories(ours, seed):
+            h = h[ours.known[h]][-ours.max_len:]
+            got = c.query(h)
+            assert got.dtype == np.float32 and got.shape == (ours.dim,)
+            np.testing.assert_allclose(got, plain.query(h), rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got, ref.encode(h), rtol=0, atol=atol)
+
+
+def test_the_c_query_refuses_bad_input(pair) -> None:
+    core = _seqcore()
+    c = NumpySasrec(ONNX, pair[0].max_len, 1)
+    if not c.native:
+        pytest.skip("APPLIANCE_RANK_NATIVE=0: the C path is off")
+    out = np.empty(c.d, np.float32)
+    args = [c.item, c.pos, c._packed, c._final_ln]
+    ok = np.array([1, 2, 3], np.int64)
+    core.query(*args, ok, out, 1, c.eps)  # the happy path, for contrast
+    with pytest.raises(IndexError, match="outside"):
+        core.query(*args, np.array([1, c.n_items + 1], np.int64), out, 1, c.eps)
+    with pytest.raises(IndexError, match="outside"):
+        core.query(*args, np.array([-1], np.int64), out, 1, c.eps)
+    with pytest.raises(ValueError, match="positions"):
+        core.query(*args, np.ones(c.max_len + 1, np.int64), out, 1, c.eps)
+    with pytest.raises(ValueError, match="positions"):
+        core.query(*args, np.zeros(0, np.int64), out, 1, c.eps)
+    with pytest.raises(ValueError, match="whole number"):
+        core.query(c.item, c.pos, c._packed[:-1], c._final_ln, ok, out, 1, c.eps)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        core.query(*args, ok, out, 3, c.eps)
+    with pytest.raises(TypeError, match="writable"):
+        core.query(*args, ok, bytes(4 * c.d), 1, c.eps)
+    with pytest.raises(TypeError):
+        core.query(*args, ok, out, 1)
+    with pytest.raises(TypeError, match="buffer"):
+        core.query(*args, [1, 2], out, 1, c.eps)
+
+
+def test_the_c_query_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv("APPLIANCE_RANK_NATIVE", "0")
+    assert not NumpySasrec(ONNX, 50, 1).native

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from appliance.fusion.state import COMPLETE, LIKE, PLAY, AffectState, ProfileState, SessionState
+from appliance.ranking.bundle import RankerBundle
 from appliance.ranking.ranker import RankContext, Ranker, SignalWeights
 from appliance.ranking.reasons import SIGNALS
+
+from .conftest import BUNDLE_DIR
 
 NOW = 50_000_000_000
 # A family-animation evening: Toy Story, Monsters, Inc., Finding Nemo, Shrek, The Incredibles.
@@ -36,11 +39,19 @@ def _reason_signals(res) -> set[str]:
     return {r.signal for it in res.items for r in it.reasons}
 
 
-def test_the_committed_bundle_runs_its_sequence_model_on_onnx_runtime_by_default(bundle) -> None:
+def test_the_committed_bundle_runs_its_sequence_model_without_onnx_runtime_on_the_box(bundle) -> None:
+    """The box's ranker (its config's default) runs the encoder without ONNX Runtime; the offline tools and
+    the tests' reference load it on ONNX Runtime."""
+    from appliance.config import default_config
+
     assert bundle.sequence is not None and bundle.transition is not None
     seq = bundle.manifest["sequence"]
     assert seq["parity"]["max_abs_diff"] <= seq["parity"]["atol"] <= 1e-4
     assert bundle.sequence.session.get_providers() == ["CPUExecutionProvider"]
+    runtime = default_config().ranking.sequence_runtime
+    assert runtime == "numpy"
+    box = RankerBundle.load(BUNDLE_DIR, runtime).sequence
+    assert box.runtime == "numpy" and box.session is None
 
 
 @pytest.mark.parametrize("signal", [s for s in SIGNALS])
