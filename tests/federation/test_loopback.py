@@ -1,8 +1,9 @@
 """A real Flower deployment on loopback: SuperLink + SuperNodes + `flwr run`, SecAgg+/DP rounds.
 
 Slow: every message starts a ClientApp process. The 10-node dropout run (3 boxes lose power after
-sharing their keys) took ~5 min on two shared cores, so it runs only with APPLIANCE_FED_HEAVY=1; the
-same protocol path runs in process in test_flower.py. The three-node round over the real transport
+sharing their keys) takes 3-5 min on two shared cores; it is in the default suite (issue 8 asks for it on
+a real deployment), and APPLIANCE_FED_HEAVY=0 leaves it out (quick local runs). The same protocol path
+also runs in process in test_flower.py. The three-node round over the real transport
 (~100 s there) is test_wire.py's loopback test: the same round, with boxes reading their own stores and
 every byte they send recorded and searched."""
 
@@ -39,7 +40,7 @@ client_app = make_client_app(outer_mods=[drop_after_keys])
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(os.environ.get("APPLIANCE_FED_HEAVY") != "1", reason="10 SuperNodes: set APPLIANCE_FED_HEAVY=1")
+@pytest.mark.skipif(os.environ.get("APPLIANCE_FED_HEAVY") == "0", reason="10 SuperNodes: APPLIANCE_FED_HEAVY=0")
 def test_a_round_completes_when_30_percent_drop_after_sharing_keys(tmp_path):
     rng = np.random.default_rng(0)
     n_items, d, n, drop = 40, 8, 10, (2, 5, 7)
