@@ -224,6 +224,16 @@ class RankResult:
 
 
 @dataclass
+class Derivations:
+    """How often a session's ranking state was derived, and where (a metric): before an ack or at session
+    start (`prepare`, off the Rank path), or by a Rank that found nothing prepared for the current state
+    (another session of its profile had an event, or the state was built by a Rank-only caller). Shared by
+    the A/B arms' copies of a ranker; counts are taken under the GIL without a lock (a metric, not a ledger)."""
+    prepared: int = 0
+    on_rank: int = 0
+
+
+@dataclass
 class _StateView:
     history: list[int]          # positive titles, oldest first (profile, then session-only ones)
     excluded: np.ndarray        # catalog-sized bool masks (TitleSet masks OR-ed)
@@ -343,6 +353,7 @@ class Ranker:
         self._allowed = {m: catalog.maturity <= m for m in range(1, 6)}
         self._allowed_rows = {m: np.flatnonzero(a) for m, a in self._allowed.items()}
         self._native = load_native()  # the C loops of the Rank path (None: numpy, the same rankings)
+        self.derivations = Derivations()
         self.seq = bundle.sequence
         self._brow = np.where(known, brow, -1)            # catalog row -> bundle row (-1: not in bundle)
         if self.seq is not None:
@@ -387,17 +398,22 @@ class Ranker:
         """Derive, now, what every Rank of this session needs from its state until the next event (the
         sequence encoder's query, the taste vector, the "watched next" scores, the left-out rows...).
 
-        The event path calls this after applying a batch and before acknowledging it, so the Rank that
-        follows an event does not pay for it; a Rank that finds nothing prepared derives it itself."""
-        self._derived(profile, session)
+        The event path calls this after applying a batch and before acknowledging it, and StartSession for
+        the new session, so the Rank that follows does not pay for it; a Rank that finds nothing prepared
+        derives it itself (`derivations` counts both)."""
+        self._derived(profile, session, on_rank=False)
 
-    def _derived(self, profile: ProfileState, session: SessionState) -> _Derived:
+    def _derived(self, profile: ProfileState, session: SessionState, on_rank: bool = True) -> _Derived:
         cached = session.ranker_cache
         if (cached is not None and cached[0] is self and cached[1] == profile.version
                 and cached[2] == session.version):
             return cached[3]
         st, pver, sver = self._read_state(profile, session)
         d = self._derive(st)
+        if on_rank:
+            self.derivations.on_rank += 1
+        else:
+            self.derivations.prepared += 1
         session.ranker_cache = (self, pver, sver, d)  # one tuple: readers see the old or the new entry whole
         return d
 

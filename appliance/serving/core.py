@@ -23,6 +23,7 @@ from appliance.experiments import ExperimentArms
 from appliance.fusion import AffectState, ProfileState, SessionState
 from appliance.fusion.batch import apply_batch
 from appliance.ranking import Catalog, CatalogRow, RankContext, Ranker, RankerBundle, RankResult
+from appliance.serving.errors import log_bug
 from appliance.serving.ingest import Columns, EventWriter, RateLimiter, _Pending, columns_from_rows, validate
 from appliance.serving.rankpath import RankCache
 from appliance.store import Store
@@ -176,7 +177,13 @@ class ApplianceCore:
             self._consent.setdefault(profile_id, False)
             if profile_id not in self._profiles:
                 self._profiles[profile_id] = ProfileState(profile_id, self.catalog)
-            self._sessions[sid] = LiveSession(sid, profile_id, device, SessionState(profile_id, sid, self.catalog))
+            live = self._sessions[sid] = LiveSession(sid, profile_id, device,
+                                                     SessionState(profile_id, sid, self.catalog))
+            profile = self._profiles[profile_id]
+        try:  # off the Rank path: the session's first Rank finds its state prepared
+            self.ranker_for(profile_id).prepare(profile, live.state)
+        except Exception as exc:  # noqa: BLE001 - the session exists; its first Rank derives the state itself
+            log_bug(log, "start session: preparing the ranking failed", exc)
         return sid
 
     def end_session(self, session_id: str) -> None:

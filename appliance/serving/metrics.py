@@ -113,6 +113,11 @@ class _StateCollector:
         yield counter("appliance_ranks", "Rank answers computed or served from cache", core.counters.ranks)
         yield counter("appliance_rank_cache_hits", "Rank answers served from the cache", core.rank_cache.hits)
         yield counter("appliance_rank_cache_misses", "Rank answers computed", core.rank_cache.misses)
+        derived = CounterMetricFamily("appliance_rank_state_derivations", "a session's ranking state derived: "
+                                      "prepared (before an event's ack, at session start) or by a Rank", labels=["where"])
+        derived.add_metric(["prepared"], core.ranker.derivations.prepared)
+        derived.add_metric(["rank"], core.ranker.derivations.on_rank)
+        yield derived
         affect = core.latest_affect()
         yield gauge("appliance_affect_age_seconds", "age of the newest affect sample (-1: none)",
                     affect.age_s(now) if affect is not None else -1.0)

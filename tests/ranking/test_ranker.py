@@ -302,6 +302,28 @@ def test_prepared_state_ranks_exactly_like_a_fresh_derivation(ranker, catalog):
     assert s.ranker_cache[1:3] == (p.version, s.version)
 
 
+def test_derivations_count_where_a_sessions_state_was_derived(ranker, catalog) -> None:
+    """`prepare` (event path, session start) and a Rank that finds nothing prepared are counted apart; an
+    event through one session leaves its profile's other sessions to derive at their next Rank."""
+    p = ProfileState("h", catalog)
+    s1, s2 = SessionState("h", "a", catalog), SessionState("h", "b", catalog)
+    ctx = RankContext(device=1, local_hour=21, weekday=4, max_maturity=4)
+    cands = catalog.ids[:300]
+    d = ranker.derivations
+    before = (d.prepared, d.on_rank)
+    ranker.prepare(p, s1)
+    ranker.prepare(p, s1)  # nothing changed: nothing derived
+    ranker.rank(p, s1, None, False, ctx, cands, 10, 0)
+    assert (d.prepared, d.on_rank) == (before[0] + 1, before[1])
+    ranker.rank(p, s2, None, False, ctx, cands, 10, 0)  # never prepared
+    assert (d.prepared, d.on_rank) == (before[0] + 1, before[1] + 1)
+    _apply(p, s1, [(PLAY, int(catalog.ids[5]))])
+    ranker.prepare(p, s1)
+    ranker.rank(p, s1, None, False, ctx, cands, 10, 0)
+    ranker.rank(p, s2, None, False, ctx, cands, 10, 0)  # its profile changed through s1
+    assert (d.prepared, d.on_rank) == (before[0] + 2, before[1] + 2)
+
+
 def test_reason_texts_kept_per_state_match_freshly_made_ones(ranker, catalog) -> None:
     """The reason texts kept per state and title (Ranker._made) give, Rank after Rank, exactly the items
     and reasons a Rank that derives the state afresh gives."""

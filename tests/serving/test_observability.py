@@ -68,6 +68,9 @@ def test_metrics_endpoint(cfg):
         assert _value(m, "appliance_ingest_queue_events") == 0
         assert _value(m, "appliance_ingest_rejected_total", reason="queue_full") == 0
         assert _value(m, "appliance_rank_cache_hits_total") >= 3
+        # the state was derived at session start and before the events' ack, never by a Rank
+        assert _value(m, "appliance_rank_state_derivations_total", where="prepared") == 2
+        assert _value(m, "appliance_rank_state_derivations_total", where="rank") == 0
         assert 0.19 < _value(m, "appliance_affect_age_seconds") < 5
         assert _value(m, "appliance_vision_up") == 1 and _value(m, "appliance_vision_camera_fps") == 15.0
         assert _value(m, "appliance_vision_process_fps") == 14.5
