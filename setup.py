@@ -16,7 +16,7 @@ setup(
         Extension(
             "appliance.ranking._seqcore",
             ["appliance/ranking/_seqcore.c"],
-            extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=fast", "-std=c11"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi", "-std=c11"],
             optional=True,
         ),
     ]

@@ -152,3 +152,30 @@ def pad_catalog(cfg: Any, titles: int, seed: int = 0) -> int:
     finally:
         store.close()
     return extra
+
+
+def scrape_metrics(server: Any) -> dict[str, float]:
+    """The ranker's Prometheus samples (`name{labels}` -> value) from its endpoint on loopback, found among
+    the process's listening TCP ports; {} when none answers."""
+    import urllib.request
+
+    import psutil
+
+    for c in server.net_connections(kind="tcp"):
+        if c.status != psutil.CONN_LISTEN:
+            continue
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{c.laddr.port}/metrics", timeout=5).read().decode()
+        except OSError:
+            continue
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    continue
+        if out:
+            return out
+    return {}

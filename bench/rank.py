@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import RankerWorker, machine, percentiles, write_results
+from bench.common import RankerWorker, machine, percentiles, scrape_metrics, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 CDF_POINTS = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9]
@@ -132,23 +132,13 @@ def _client(sock: str, session: str, ids: np.ndarray, calls: int, warmup: int, c
 def _handler_seconds(server: psutil.Process) -> dict[str, tuple[float, float]]:
     """The ranker's own handler time (sum, count) per method, from its Prometheus endpoint on loopback
     (appliance_rpc_seconds: measured inside the server, decode to encode); {} when it is not reachable."""
-    import urllib.request
-
-    ports = [c.laddr.port for c in server.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-    for port in ports:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        except OSError:
-            continue
-        out: dict[str, list[float]] = {}
-        for line in text.splitlines():
-            for part, i in (("appliance_rpc_seconds_sum{", 0), ("appliance_rpc_seconds_count{", 1)):
-                if line.startswith(part):
-                    method = line.split('method="', 1)[1].split('"', 1)[0]
-                    out.setdefault(method, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
-        if out:
-            return {m: (v[0], v[1]) for m, v in out.items()}
-    return {}
+    out: dict[str, list[float]] = {}
+    for key, value in scrape_metrics(server).items():
+        for part, i in (("appliance_rpc_seconds_sum{", 0), ("appliance_rpc_seconds_count{", 1)):
+            if key.startswith(part):
+                method = key.split('method="', 1)[1].split('"', 1)[0]
+                out.setdefault(method, [0.0, 0.0])[i] = value
+    return {m: (v[0], v[1]) for m, v in out.items()}
 
 
 def _run_level(ctx: Any, sock: str, session: str, ids: np.ndarray, clients: int, calls: int, args: Any,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import RankerWorker, machine, write_results
+from bench.common import RankerWorker, machine, scrape_metrics, write_results
 from bench.rank import line_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,12 +170,16 @@ def main(argv: list[str]) -> int:
               flush=True)
         t0 = time.perf_counter() + args.warmup  # the clock's zero: the end of the warm-up
         start.set()
+        metrics_at_zero: dict[str, float] = {}
         for k in range(-int(args.warmup // 5), int(np.ceil(seconds / 5))):  # an RSS sample every 5 s, one at 0
             time.sleep(max(0.0, t0 + 5 * k - time.perf_counter()))
             rss.append((time.perf_counter() - t0, server.memory_info().rss / 2**20))
             cpu.append((rss[-1][0], psutil.cpu_times()))
+            if k == 0:
+                metrics_at_zero = scrape_metrics(server)
         time.sleep(max(0.0, t0 + seconds - time.perf_counter()))
         records = [r for _ in ps for r in out.get(timeout=120)]
+        metrics_at_end = scrape_metrics(server)
         rss.append((time.perf_counter() - t0, server.memory_info().rss / 2**20))
         for p in ps:
             p.join(timeout=30)
@@ -213,6 +217,15 @@ def main(argv: list[str]) -> int:
     rss_end = rss[-1][1]
     growth = rss_end / rss_start - 1
     growth_warm = rss_end / rss_warm - 1
+    def counted(key: str) -> float | None:  # a server counter over the clock's window
+        if key in metrics_at_zero and key in metrics_at_end:
+            return metrics_at_end[key] - metrics_at_zero[key]
+        return None
+
+    server_counts = {"ranks": counted("appliance_ranks_total"),
+                     "rank_cache_hits": counted("appliance_rank_cache_hits_total"),
+                     "states_prepared": counted('appliance_rank_state_derivations_total{where="prepared"}'),
+                     "states_derived_by_a_rank": counted('appliance_rank_state_derivations_total{where="rank"}')}
     result = {"benchmark": "soak", "machine": machine(),
               "config": {"clients": args.clients, "minutes": args.minutes, "rate_per_client": args.rate,
                          "client_processes": len(per), "catalog_titles": catalog_titles,
@@ -221,6 +234,7 @@ def main(argv: list[str]) -> int:
               "calls": int(len(a)), "offered_per_minute": offered_per_minute,
               "saturated_minutes": [m["minute"] for m in minutes if m["saturated"]], "errors": errors, "server_alive": alive, "per_minute": minutes,
               "rank_p99_drift": None if drift is None else round(drift, 3),
+              "server_counts": server_counts,
               "warmup": {"seconds": args.warmup, "calls": warm_calls, "errors": warm_errors},
               "rss_mb": {"idle_before_clients": round(rss_idle, 1), "warmup_start": round(rss_warmup_start, 1),
                          "start": round(rss_start, 1),
@@ -248,6 +262,12 @@ def main(argv: list[str]) -> int:
         md.append(f"| {m['minute']} | {m['calls']} | {m['errors']} | {r.get('p50_ms', '')} | {r.get('p99_ms', '')} | "
                   f"{e.get('p50_ms', '')} | {e.get('p99_ms', '')} | {m.get('host_steal_pct', '')} |")
     md.append("")
+    if None not in server_counts.values():
+        sc = server_counts
+        md += [f"Server, over the clock's window: {sc['ranks']:,.0f} Ranks ({sc['rank_cache_hits']:,.0f} from the "
+               f"answer cache); ranking states derived {sc['states_prepared']:,.0f} times off the Rank path (before "
+               f"an event's ack, at session start) and {sc['states_derived_by_a_rank']:,.0f} times by a Rank (a session "
+               f"whose profile changed through another of its {args.clients // HOUSEHOLD} sessions).", ""]
     path = write_results("soak-cpu", result, "\n".join(md), args.json)
     series = {f"{op} p{q}": [(m["minute"], m[op][f"p{q}_ms"]) for m in minutes if op in m]
               for op in ("rank", "events") for q in (50, 99)}
