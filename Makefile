@@ -28,7 +28,7 @@ sysdeps:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py appliance/ranking/_rankcore.c appliance/ranking/_seqcore.c
+$(STAMP): pyproject.toml setup.py appliance/ranking/_rankcore.c appliance/ranking/_seqcore.c appliance/ranking/_buffers.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

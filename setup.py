@@ -9,6 +9,7 @@ setup(
         Extension(
             "appliance.ranking._rankcore",
             ["appliance/ranking/_rankcore.c"],
+            depends=["appliance/ranking/_buffers.h"],
             # No fused multiply-add (aarch64 contracts by default): the roundings stay numpy's.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11"],
             optional=True,
@@ -16,6 +17,7 @@ setup(
         Extension(
             "appliance.ranking._seqcore",
             ["appliance/ranking/_seqcore.c"],
+            depends=["appliance/ranking/_buffers.h"],
             extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi", "-std=c11"],
             optional=True,
         ),

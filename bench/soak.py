@@ -217,6 +217,7 @@ def main(argv: list[str]) -> int:
     rss_end = rss[-1][1]
     growth = rss_end / rss_start - 1
     growth_warm = rss_end / rss_warm - 1
+
     def counted(key: str) -> float | None:  # a server counter over the clock's window
         if key in metrics_at_zero and key in metrics_at_end:
             return metrics_at_end[key] - metrics_at_zero[key]

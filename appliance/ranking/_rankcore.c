@@ -24,37 +24,7 @@
 #error "the wire encoder writes floats in host order: little-endian hosts only"
 #endif
 
-/* ---- buffers ------------------------------------------------------------------------------------ */
-
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-/* A C-contiguous buffer of `count` items of `itemsize` bytes (count < 0: any multiple of itemsize). */
-static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, Py_ssize_t count, int writable, const char *name)
-{
-    b->held = 0;
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s: a C-contiguous%s buffer expected", name, writable ? " writable" : "");
-        return -1;
-    }
-    b->held = 1;
-    if (b->view.len % itemsize || (count >= 0 && b->view.len != count * itemsize)) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd items of %zd bytes", name, b->view.len,
-                     count, itemsize);
-        return -1;
-    }
-    return 0;
-}
-
-static void release(Buf *b)
-{
-    if (b->held) {
-        PyBuffer_Release(&b->view);
-        b->held = 0;
-    }
-}
+#include "_buffers.h"
 
 /* ---- candidate_rows ------------------------------------------------------------------------------ */
 

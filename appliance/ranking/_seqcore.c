@@ -16,34 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, int writable, const char *name)
-{
-    b->held = 0;
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s: a C-contiguous%s buffer expected", name, writable ? " writable" : "");
-        return -1;
-    }
-    b->held = 1;
-    if (b->view.len % itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, not a whole number of %zd-byte items", name,
-                     b->view.len, itemsize);
-        return -1;
-    }
-    return 0;
-}
-
-static void release(Buf *b)
-{
-    if (b->held) {
-        PyBuffer_Release(&b->view);
-        b->held = 0;
-    }
-}
+#include "_buffers.h"
 
 /* AVX2 + FMA where the CPU has them (chosen at load time); the helpers are inlined into each clone. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -242,9 +215,9 @@ static PyObject *query(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     double eps = PyFloat_AsDouble(args[7]);
     if (PyErr_Occurred())
         return NULL;
-    if (get_buf(args[0], &item, 4, 0, "item") || get_buf(args[1], &pos, 4, 0, "pos") ||
-        get_buf(args[2], &blocks, 4, 0, "blocks") || get_buf(args[3], &fln, 4, 0, "final_ln") ||
-        get_buf(args[4], &idx, 8, 0, "idx") || get_buf(args[5], &out, 4, 1, "out"))
+    if (get_buf(args[0], &item, 4, -1, 0, "item") || get_buf(args[1], &pos, 4, -1, 0, "pos") ||
+        get_buf(args[2], &blocks, 4, -1, 0, "blocks") || get_buf(args[3], &fln, 4, -1, 0, "final_ln") ||
+        get_buf(args[4], &idx, 8, -1, 0, "idx") || get_buf(args[5], &out, 4, -1, 1, "out"))
         goto done;
     Py_ssize_t d = out.view.len / 4, n = idx.view.len / 8;
     if (d < 1 || d > 4096 || heads < 1 || d % heads) {

@@ -98,14 +98,13 @@ def test_the_runtime_is_a_validated_choice(bundle) -> None:
 
 
 def test_the_ranker_process_does_not_load_onnx_runtime(tmp_path) -> None:
-    """With the numpy encoder the ranker's whole start path leaves onnxruntime unimported (its ~40 MB)."""
+    """With its default config the ranker's whole start path leaves onnxruntime unimported (its ~40 MB)."""
     code = (
         "import sys\n"
         "from appliance.config import default_config\n"
         "from appliance.serving.process import RankerProcess\n"
         f"cfg = default_config().with_overrides(run_dir={str(tmp_path / 'run')!r}, "
-        f"data_dir={str(tmp_path / 'data')!r}, metrics={{'ranker_port': 0}}, "
-        "ranking={'sequence_runtime': 'numpy'})\n"
+        f"data_dir={str(tmp_path / 'data')!r}, metrics={{'ranker_port': 0}})\n"
         "p = RankerProcess(cfg)\n"
         "try:\n"
         "    print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnxruntime'))\n"
